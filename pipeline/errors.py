@@ -1,0 +1,108 @@
+"""errors.py: the exception hierarchy that mirrors DESIGN.md's failure table.
+
+A seam module: `images`, `client`, `runner` and `job` all raise or catch these, and none of them
+imports another stage to do so. Each class's `kind` is exactly the value written to the
+`error_kind` Parquet column. An error carries the HTTP status, the request id and the server's
+message; never the payload, image bytes or request headers (an API key lives in those).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "CaptionError",
+    "RateLimitError",
+    "TransientError",
+    "BadRequestError",
+    "BadOutputError",
+    "FatalError",
+    "AuthError",
+    "QuotaError",
+    "ModelNotFoundError",
+    "BadImageError",
+    "JobError",
+]
+
+MAX_MESSAGE_CHARS = 500
+"""Server messages are cut to this length: an HTML error page must not fill a Parquet cell."""
+
+
+class CaptionError(Exception):
+    """Base of every failure that ends an image attempt or the run."""
+
+    kind: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, status: int | None = None, request_id: str | None = None):
+        message = " ".join(str(message).split())
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+        super().__init__(message)
+        self.message = message
+        self.status = status  # HTTP status, None when no response arrived
+        self.request_id = request_id  # the server's x-request-id, when it sent one
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.message}" if self.status else self.message
+
+
+class RateLimitError(CaptionError):
+    """429 that will pass: wait (all workers together) and try again."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s  # what the server asked for, None when it did not say
+
+
+class TransientError(CaptionError):
+    """5xx, 408, timeouts, dropped connections, broken streams: retry with backoff."""
+
+    kind = "transient"
+
+
+class BadRequestError(CaptionError):
+    """400/413/422 for this image: an error row, no retry."""
+
+    kind = "bad_request"
+
+
+class BadOutputError(CaptionError):
+    """The server answered, but not with a usable caption (e.g. empty content)."""
+
+    kind = "bad_output"
+
+
+class FatalError(CaptionError):
+    """Retrying never helps and no other image will fare better: stop the run."""
+
+    kind = "fatal"
+
+
+class AuthError(FatalError):
+    """401/403: the key is wrong, revoked, or out of the gateway's quota."""
+
+    kind = "auth"
+
+
+class QuotaError(FatalError):
+    """429 insufficient_quota and friends: out of credit, not out of rate."""
+
+    kind = "quota"
+
+
+class ModelNotFoundError(FatalError):
+    """404 for the model: a typo in the job, or no access to that model."""
+
+    kind = "model_not_found"
+
+
+class BadImageError(CaptionError):
+    """The file cannot become an image we can send; no request is made."""
+
+    kind = "bad_image"
+
+
+class JobError(Exception):
+    """A job file, flag or environment problem found before anything is sent (exit code 2)."""

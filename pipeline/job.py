@@ -1,0 +1,314 @@
+"""job.py: a job is a TOML file plus command-line overrides, validated once into frozen dataclasses.
+
+Owns the settings types every stage takes (`Endpoint`, `Prompt`, `ImageSettings`, `Limits`,
+`Output`), their defaults, the job fingerprint that ties an out folder to one job, and the API key
+look-up. Reads one file and the environment; sends nothing. Every problem is a `JobError` whose
+one-line message names the file and the field and says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import JobError
+
+__all__ = [
+    "Endpoint",
+    "Prompt",
+    "ImageSettings",
+    "Limits",
+    "Output",
+    "Job",
+    "OVERRIDABLE",
+    "load_job",
+    "resolve_api_key",
+    "resolve_headers",
+    "job_summary",
+]
+
+LOCAL_BASE_URL = "local"
+"""`base_url = "local"` starts the bundled endpoint in-process (see localserver.py)."""
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where requests go and how."""
+
+    base_url: str = LOCAL_BASE_URL  # e.g. https://api.openai.com/v1, or "local"
+    model: str = "local-caption"
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    stream: bool = True  # SSE streaming with stream_options.include_usage
+    headers: dict[str, str] = field(default_factory=dict)  # values may say ${ENV_VAR}
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What we ask. `temperature` and `reasoning_effort` are sent only when set."""
+
+    user: str = "Describe this image."
+    system: str | None = None
+    max_tokens: int = 300
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """How an image is shrunk and encoded before it is sent."""
+
+    max_side: int = 1024  # long side in pixels after shrinking; never upscaled
+    format: Literal["jpeg", "webp", "png"] = "jpeg"
+    quality: int = 85  # JPEG/WebP quality, 1-100
+    detail: Literal["low", "high", "auto"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How hard we push the provider and how long we wait for it."""
+
+    concurrency: int = 16  # requests in flight at most
+    max_attempts: int = 5  # per image, first try included
+    timeout_s: float = 120.0  # one whole request
+    idle_timeout_s: float = 60.0  # longest silence between two stream chunks
+    retry_base_s: float = 1.0  # first backoff of a transient failure; doubles, with jitter
+    retry_max_s: float = 60.0  # cap for backoffs and for waits a server asks for
+    grace_s: float = 30.0  # on Ctrl-C/SIGTERM, how long in-flight requests may finish
+    preprocess_workers: int = 0  # image threads; 0 = one per core
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """How results become Parquet parts."""
+
+    part_rows: int = 10_000  # roll a part after this many rows...
+    part_seconds: float = 60.0  # ...or after this long, whichever comes first
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A whole job, validated. `extra` is merged into every request payload."""
+
+    endpoint: Endpoint = field(default_factory=Endpoint)
+    prompt: Prompt = field(default_factory=Prompt)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    limits: Limits = field(default_factory=Limits)
+    output: Output = field(default_factory=Output)
+    extra: dict[str, Any] = field(default_factory=dict)  # [request.extra]
+    source: str = "<defaults>"  # the file it came from, for messages
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what decides the answers: model, prompt, image settings, extra parameters.
+
+        Not the endpoint URL, key, headers, limits or output settings: changing those does not
+        change what a caption means, so a run may resume under them.
+        """
+        decisive = {
+            "model": self.endpoint.model,
+            "prompt": dataclasses.asdict(self.prompt),
+            "image": dataclasses.asdict(self.image),
+            "extra": self.extra,
+        }
+        blob = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_SECTIONS: dict[str, type] = {
+    "endpoint": Endpoint,
+    "prompt": Prompt,
+    "image": ImageSettings,
+    "limits": Limits,
+    "output": Output,
+}
+
+OVERRIDABLE: dict[str, str] = {
+    f.name: f"{section}.{f.name}"
+    for section, cls in _SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if f.name != "headers"
+}
+"""Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side."""
+
+
+def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Job:
+    """Read a TOML job file (None: defaults), apply `{"section.field": value}` overrides, validate.
+
+    Raises JobError with a one-line message naming the file and the field.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise JobError(f"{source}: job file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise JobError(f"{source}: cannot read job file: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise JobError(f"{source}: not valid TOML: {err}") from None
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in (overrides or {}).items():
+        section, name = dotted.split(".", 1)
+        raw.setdefault(section, {})[name] = value
+    return _build_job(raw, source)
+
+
+def _build_job(raw: dict[str, Any], source: str) -> Job:
+    allowed = set(_SECTIONS) | {"request"}
+    for key in raw:
+        if key not in allowed:
+            raise JobError(f"{source}: unknown section [{key}]{_did_you_mean(key, allowed)}")
+    request = raw.get("request", {})
+    if not isinstance(request, dict) or set(request) - {"extra"}:
+        raise JobError(f"{source}: [request] may only hold the table [request.extra]")
+    extra = request.get("extra", {})
+    if not isinstance(extra, dict):
+        raise JobError(f"{source}: [request.extra] must be a table of payload fields")
+    for reserved in ("model", "messages", "stream", "stream_options"):
+        if reserved in extra:
+            raise JobError(f"{source}: [request.extra] {reserved} is set by caption itself; remove it")
+    parts = {name: _build_section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
+    job = Job(**parts, extra=extra, source=source)
+    _check_ranges(job)
+    return job
+
+
+def _build_section(cls: type, table: Any, section: str, source: str) -> Any:
+    if not isinstance(table, dict):
+        raise JobError(f"{source}: [{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            raise JobError(f"{source}: [{section}] unknown key '{key}'{_did_you_mean(key, names)}")
+        values[key] = _coerce(value, hints[key], f"{source}: [{section}] {key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a field's type hint; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise JobError(f"{where} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise JobError(f"{where} must be a table")
+        if typing.get_args(hint)[1] is str and not all(isinstance(v, str) for v in value.values()):
+            raise JobError(f"{where} values must be strings")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise JobError(f"{where} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobError(f"{where} must be a whole number, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobError(f"{where} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise JobError(f"{where} must be a string, not {value!r}")
+        return value
+    raise AssertionError(f"no coercion for {hint!r}")  # a new field type needs a branch here
+
+
+_RANGES: list[tuple[str, float, float]] = [
+    ("prompt.max_tokens", 1, 1_000_000),
+    ("prompt.temperature", 0, 2),
+    ("image.max_side", 16, 8192),
+    ("image.quality", 1, 100),
+    ("limits.concurrency", 1, 10_000),
+    ("limits.max_attempts", 1, 100),
+    ("limits.timeout_s", 0.001, 86_400),
+    ("limits.idle_timeout_s", 0.001, 86_400),
+    ("limits.retry_base_s", 0, 3_600),
+    ("limits.retry_max_s", 0, 86_400),
+    ("limits.grace_s", 0, 86_400),
+    ("limits.preprocess_workers", 0, 256),
+    ("output.part_rows", 1, 10_000_000),
+    ("output.part_seconds", 0.001, 86_400),
+]
+
+
+def _check_ranges(job: Job) -> None:
+    for dotted, low, high in _RANGES:
+        section, name = dotted.split(".")
+        value = getattr(getattr(job, section), name)
+        if value is not None and not low <= value <= high:
+            raise JobError(f"{job.source}: [{section}] {name} = {value} is out of range ({low} to {high})")
+    if not job.endpoint.model.strip():
+        raise JobError(f"{job.source}: [endpoint] model must not be empty")
+    url = job.endpoint.base_url
+    if url != LOCAL_BASE_URL and not re.match(r"^https?://[^/\s]+", url):
+        raise JobError(f"{job.source}: [endpoint] base_url must be http(s)://host/... or \"local\", not {url!r}")
+
+
+def _did_you_mean(word: str, options: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def resolve_api_key(job: Job) -> str | None:
+    """Return the API key from the environment variable the job names (None if it names none).
+
+    Raises JobError when the variable is named but unset or empty. The key itself never appears in
+    any message.
+    """
+    var = job.endpoint.api_key_env
+    if not var:
+        return None
+    key = os.environ.get(var, "").strip()
+    if not key:
+        raise JobError(
+            f"{job.source}: [endpoint] api_key_env names {var}, which is not set; "
+            f"export {var}=<your key> (or pass --api-key-env OTHER_VAR)"
+        )
+    return key
+
+
+def resolve_headers(job: Job) -> dict[str, str]:
+    """Return the job's extra headers with every ${VAR} replaced from the environment."""
+
+    def expand(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1))
+        if value is None:
+            raise JobError(f"{job.source}: [endpoint.headers] uses ${{{match.group(1)}}}, which is not set")
+        return value
+
+    return {name: _ENV_REF.sub(expand, value) for name, value in job.endpoint.headers.items()}
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """The job as run, for `_job.json`: every setting, header names but not their values."""
+    summary = {name: dataclasses.asdict(getattr(job, name)) for name in _SECTIONS}
+    summary["endpoint"]["headers"] = sorted(job.endpoint.headers)
+    summary["request"] = {"extra": job.extra}
+    summary["fingerprint"] = job.fingerprint
+    summary["source"] = job.source
+    return summary
