@@ -1,0 +1,396 @@
+"""runner.py: wires walker → images → client → store, with retries, progress and shutdown.
+
+The only module that knows every stage. The flow:
+
+    walker ─▶ [sources, bounded] ─▶ P image workers (thread pool) ─▶ [encoded, bounded] ─▶ C request
+    workers (limiter slot, tenacity retries) ─▶ store (journal line, Parquet part)
+
+Every image ends as exactly one row, except when the run stops before its request ended; such
+images simply have no row and the next run takes them. Queues are bounded, so memory holds at
+most about 3·C encoded images whatever the size of the folder.
+
+Shutdown order (Ctrl-C, SIGTERM, or a fatal provider error):
+1. stop feeding: cancel the walker and the image workers, drop encoded images not yet sent;
+2. let in-flight requests finish within `limits.grace_s` (a second Ctrl-C abandons them);
+3. flush the store: the open journal segment becomes a Parquet part;
+4. close the HTTP session (and the bundled server, if we started one);
+5. return the summary, which the CLI prints with how to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import tqdm
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from . import cost, images, job as jobmod
+from .client import ChatClient
+from .errors import BadImageError, CaptionError, FatalError, RateLimitError, TransientError
+from .job import Job
+from .limits import Limiter
+from .records import ChatResult, Encoded, Result, Source
+from .store import Store, key_hash
+from .walker import walk_images
+
+__all__ = ["RunSummary", "run", "run_async"]
+
+log = logging.getLogger(__name__)
+
+WALK_BATCH = 256  # paths taken from the walker thread at a time
+TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
+LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
+_DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did; the CLI prints it and turns it into an exit code."""
+
+    out: Path
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0  # already ok in the out folder
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    fatal: str | None = None  # the provider's message when a fatal error stopped the run
+    interrupted: bool = False
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok, 1 some error rows, 3 stopped by a fatal provider error, 130 interrupted."""
+        if self.fatal:
+            return 3
+        if self.interrupted:
+            return 130
+        return 1 if self.errors else 0
+
+
+def run(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None, headers: dict[str, str],
+        allow_job_change: bool = False, progress: bool | None = None) -> RunSummary:
+    """Run a job to the end (or to Ctrl-C/SIGTERM) in a fresh event loop; return its summary."""
+    return asyncio.run(run_async(job, input_path, out, api_key=api_key, headers=headers,
+                                 allow_job_change=allow_job_change, progress=progress, handle_signals=True))
+
+
+async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None,
+                    headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
+                    handle_signals: bool = False) -> RunSummary:
+    """The same as `run`, inside a running loop (tests call this)."""
+    store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
+                       part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+    done = await asyncio.to_thread(store.done_keys)
+    server = None
+    base_url = job.endpoint.base_url
+    if base_url == jobmod.LOCAL_BASE_URL:
+        from .localserver import LocalServer  # the demo endpoint, started only when asked for
+
+        server = LocalServer()
+        base_url = await asyncio.to_thread(server.start)
+    try:
+        runner = _Run(job, Path(input_path), store, done, progress)
+        if handle_signals:
+            runner.install_signal_handlers()
+        return await runner.main(base_url, api_key, headers)
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+class _Run:
+    """One run's queues, workers and counters."""
+
+    def __init__(self, job: Job, input_path: Path, store: Store, done: set[int], progress: bool | None):
+        self.job = job
+        self.input_path = input_path
+        self.store = store
+        self.done = done
+        self.summary = RunSummary(out=store.out)
+        limits = job.limits
+        self.limiter = Limiter(limits.concurrency, backoff_base_s=limits.retry_base_s, max_pause_s=limits.retry_max_s)
+        self.image_workers = limits.preprocess_workers or os.cpu_count() or 1
+        self.sources: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
+        self.encoded: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
+        self.stop = asyncio.Event()
+        self.abandon = asyncio.Event()
+        self.client: ChatClient | None = None
+        self._images_left = self.image_workers
+        self._backoff = wait_random_exponential(multiplier=limits.retry_base_s, max=limits.retry_max_s)
+        self._progress = _Progress(self, enabled=progress)
+        self._started = time.monotonic()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stop.is_set():
+            log.warning("abandoning in-flight requests")
+            self.abandon.set()
+            return
+        self.summary.interrupted = True
+        log.warning("%s: stopping; in-flight requests get up to %.0f s (again to abandon them)",
+                    signal.Signals(sig).name, self.job.limits.grace_s)
+        self.stop.set()
+
+    async def main(self, base_url: str, api_key: str | None, headers: dict[str, str]) -> RunSummary:
+        limits = self.job.limits
+        connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
+        pool = concurrent.futures.ThreadPoolExecutor(self.image_workers, thread_name_prefix="caption-image")
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                self.client = ChatClient(session, self.job, base_url, api_key=api_key, headers=headers)
+                await self._run_stages(pool)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(self.store.close)
+            self._progress.close()
+        self.summary.wall_s = time.monotonic() - self._started
+        self.summary.rate_limited = self.limiter.rate_limited
+        return self.summary
+
+    async def _run_stages(self, pool: concurrent.futures.Executor) -> None:
+        feeders = [asyncio.create_task(self._walk())]
+        feeders += [asyncio.create_task(self._prepare_images(pool)) for _ in range(self.image_workers)]
+        workers = [asyncio.create_task(self._request_images()) for _ in range(self.job.limits.concurrency)]
+        ticker = asyncio.create_task(self._tick())
+        everything = asyncio.gather(*feeders, *workers)
+        stopping = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait([everything, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if everything.done():
+                everything.result()  # re-raises a bug in a stage
+            else:
+                await self._drain(feeders, workers)
+                for task in workers:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+        finally:
+            for task in [*feeders, *workers, ticker, stopping]:
+                task.cancel()
+            await asyncio.gather(*feeders, *workers, ticker, stopping, everything, return_exceptions=True)
+
+    async def _drain(self, feeders: list[asyncio.Task], workers: list[asyncio.Task]) -> None:
+        """Stop feeding, give in-flight requests the grace period, cancel what is left."""
+        for task in feeders:
+            task.cancel()
+        await asyncio.gather(*feeders, return_exceptions=True)
+        while not self.encoded.empty():
+            self.encoded.get_nowait()  # encoded but never sent: the next run takes them
+        for _ in workers:
+            self.encoded.put_nowait(_DONE)
+        abandon = asyncio.create_task(self.abandon.wait())
+        pending = set(workers)
+        deadline = time.monotonic() + self.job.limits.grace_s
+        while pending and not abandon.done() and (left := deadline - time.monotonic()) > 0:
+            _, pending = await asyncio.wait(pending | {abandon}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(abandon)
+        abandon.cancel()
+        if pending:
+            log.warning("abandoned %d in-flight requests; their images will be sent again on resume", len(pending))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # --- stages ----------------------------------------------------------------------------
+
+    async def _walk(self) -> None:
+        sources = walk_images(self.input_path)
+        while batch := await asyncio.to_thread(lambda: list(itertools.islice(sources, WALK_BATCH))):
+            for source in batch:
+                if key_hash(source.key) in self.done:
+                    self.summary.skipped += 1
+                else:
+                    await self.sources.put(source)
+        for _ in range(self.image_workers):
+            await self.sources.put(_DONE)
+
+    async def _prepare_images(self, pool: concurrent.futures.Executor) -> None:
+        loop = asyncio.get_running_loop()
+        while (source := await self.sources.get()) is not _DONE:
+            try:
+                encoded = await loop.run_in_executor(pool, _read_and_encode, source, self.job.image)
+            except BadImageError as err:
+                self._record(self._error_row(source, None, err, attempts=0))
+                continue
+            await self.encoded.put((source, encoded))
+        self._images_left -= 1
+        if self._images_left == 0:
+            for _ in range(self.job.limits.concurrency):
+                await self.encoded.put(_DONE)
+
+    async def _request_images(self) -> None:
+        while (item := await self.encoded.get()) is not _DONE:
+            source, encoded = item
+            try:
+                self._record(await self._caption(source, encoded))
+            except FatalError as err:
+                if not self.summary.fatal:
+                    self.summary.fatal = str(err)
+                    log.error("stopping: %s", err)
+                self.stop.set()
+                return
+
+    # --- one image -------------------------------------------------------------------------
+
+    async def _caption(self, source: Source, encoded: Encoded) -> Result:
+        """Send one image with retries; return its row. Raises FatalError only."""
+        data_url = encoded.data_url()
+        attempts, latency_s = 0, 0.0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.job.limits.max_attempts),
+            retry=retry_if_exception_type((RateLimitError, TransientError)),
+            wait=self._retry_wait,
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    started = time.monotonic()
+                    chat = await self._attempt(data_url)
+                    latency_s = time.monotonic() - started
+        except FatalError:
+            raise
+        except CaptionError as err:
+            return self._error_row(source, encoded, err, attempts=attempts)
+        return self._ok_row(source, encoded, chat, attempts=attempts, latency_s=latency_s)
+
+    async def _attempt(self, data_url: str) -> ChatResult:
+        async with self.limiter.slot():
+            try:
+                chat = await self.client.complete(data_url)
+            except RateLimitError as err:
+                self.limiter.on_rate_limited(err.retry_after_s)
+                raise
+        self.limiter.on_success()
+        return chat
+
+    def _retry_wait(self, state: RetryCallState) -> float:
+        """A 429's wait is the limiter's shared pause (slot() waits on it); others back off."""
+        if isinstance(state.outcome.exception(), RateLimitError):
+            return 0.0
+        return self._backoff(state)
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self.summary.retries += 1
+        err = state.outcome.exception()
+        log.debug("retrying (attempt %d done): %s %s, wait %.2f s", state.attempt_number, err.kind, err,
+                  state.next_action.sleep if state.next_action else 0.0)
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def _ok_row(self, source: Source, encoded: Encoded, chat: ChatResult, *, attempts: int, latency_s: float) -> Result:
+        usage = chat.usage or cost.estimate_usage(encoded.sent_width, encoded.sent_height, self.job.image.detail,
+                                                  (self.job.prompt.system or "") + self.job.prompt.user, chat.text)
+        return Result(
+            **_image_fields(source, encoded, self.job.fingerprint),
+            status="ok",
+            model=chat.model or self.job.endpoint.model,
+            caption=chat.text,
+            finish_reason=chat.finish_reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            usage_source=usage.source,
+            attempts=attempts,
+            latency_ms=round(latency_s * 1000),
+            request_id=chat.request_id,
+        )
+
+    def _error_row(self, source: Source, encoded: Encoded | None, err: CaptionError, *, attempts: int) -> Result:
+        return Result(
+            **_image_fields(source, encoded, self.job.fingerprint),
+            status="error",
+            model=self.job.endpoint.model,
+            error_kind=err.kind,
+            error=str(err),
+            attempts=attempts,
+            request_id=err.request_id,
+        )
+
+    def _record(self, result: Result) -> None:
+        self.store.append(result)
+        summary = self.summary
+        if result.status == "ok":
+            summary.ok += 1
+            summary.prompt_tokens += result.prompt_tokens or 0
+            summary.completion_tokens += result.completion_tokens or 0
+        else:
+            summary.errors += 1
+            summary.error_kinds[result.error_kind] = summary.error_kinds.get(result.error_kind, 0) + 1
+            log.debug("error row for %s: %s: %s", result.image_path, result.error_kind, result.error)
+
+    async def _tick(self) -> None:
+        """Every TICK_S: fsync the journal, roll a due part, refresh progress."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            await asyncio.to_thread(self.store.sync)
+            if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
+                await asyncio.to_thread(self.store.convert, segment)
+            self._progress.update()
+
+
+def _read_and_encode(source: Source, settings: jobmod.ImageSettings) -> Encoded:
+    """Runs in the image pool: read the file, shrink and encode it."""
+    try:
+        data = source.path.read_bytes()
+    except OSError as err:
+        raise BadImageError(f"cannot read file: {err.strerror or err}") from None
+    return images.encode_image(data, settings)
+
+
+def _image_fields(source: Source, encoded: Encoded | None, fingerprint: str) -> dict:
+    fields = {"image_path": source.key, "job_fingerprint": fingerprint,
+              "created_at": dt.datetime.now(dt.timezone.utc), "mode": "online"}
+    if encoded is not None:
+        fields.update(image_sha256=encoded.sha256, file_bytes=encoded.file_bytes, width=encoded.width,
+                      height=encoded.height, sent_width=encoded.sent_width, sent_height=encoded.sent_height,
+                      sent_bytes=encoded.sent_bytes)
+    return fields
+
+
+class _Progress:
+    """A tqdm bar on a terminal; a log line every LOG_EVERY_S otherwise."""
+
+    def __init__(self, run: _Run, *, enabled: bool | None):
+        self._run = run
+        tty = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = tqdm.tqdm(unit="img", dynamic_ncols=True, file=sys.stderr) if tty else None
+        self._last_log = time.monotonic()
+
+    def update(self) -> None:
+        run, summary = self._run, self._run.summary
+        stats = {"ok": summary.ok, "err": summary.errors, "retry": summary.retries,
+                 "429": run.limiter.rate_limited, "inflight": run.limiter.in_flight,
+                 "tok": summary.prompt_tokens + summary.completion_tokens}
+        if self._bar is not None:
+            self._bar.n = summary.ok + summary.errors
+            self._bar.set_postfix(stats, refresh=True)
+        elif time.monotonic() - self._last_log >= LOG_EVERY_S:
+            self._last_log = time.monotonic()
+            log.info("progress: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self.update()
+            self._bar.close()

@@ -1,0 +1,271 @@
+"""store.py: the durable record of a run: job file, write-ahead journal, Parquet parts, resume index.
+
+Owns the out folder and nothing else (no network, no images). Layout:
+
+    _job.json                 the job as run and its fingerprint (no secrets)
+    _journal-00007.jsonl      the open journal segment: one JSON line per ended attempt, flushed at once
+    part-00001.parquet ...    closed segments, converted atomically (tmp file, fsync, rename, fsync dir)
+
+A segment and the part made from it share a number, which is the whole recovery rule: on open, a
+journal whose part exists was already converted (the crash came before the delete), so it is
+deleted; any other journal is converted now, its torn last line (if any) dropped. A crash at any
+line therefore loses at most the line being written, and never writes a row twice.
+Names starting with `_` are skipped by pyarrow, pandas, DuckDB and polars, so `out/` reads as
+one dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import JobError
+from .records import Result
+
+__all__ = ["SCHEMA", "Store", "key_hash", "iter_rows"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("image_path", pa.string()),
+        ("image_sha256", pa.string()),
+        ("file_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sent_width", pa.int32()),
+        ("sent_height", pa.int32()),
+        ("sent_bytes", pa.int32()),
+        ("model", pa.string()),
+        ("caption", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),
+        ("reasoning_tokens", pa.int32()),
+        ("mode", pa.string()),
+        ("usage_source", pa.string()),
+        ("status", pa.string()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int16()),
+        ("latency_ms", pa.int32()),
+        ("request_id", pa.string()),
+        ("job_fingerprint", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+"""One row per image attempt that ended. Change it here and in tests/test_store.py, deliberately."""
+
+JOB_FILE = "_job.json"
+_JOURNAL = re.compile(r"^_journal-(\d{5,})\.jsonl$")
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+_FIELDS = tuple(f.name for f in dataclasses.fields(Result))
+
+
+def key_hash(key: str) -> int:
+    """64-bit hash of a resume key: the index holds these, not the paths, to stay small.
+
+    Two keys colliding in 64 bits has odds of about n²/2⁶⁵ (3e-8 for a million images).
+    """
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class Store:
+    """An out folder opened for one job; `append` results, `close` at the end.
+
+    Not thread-safe: call `append`, `rotate` and `sync` from one thread (the event loop);
+    `convert` of a rotated segment may run in a worker thread.
+    """
+
+    def __init__(self, out: str | Path, fingerprint: str, *, part_rows: int, part_seconds: float):
+        self.out = Path(out)
+        self.fingerprint = fingerprint
+        self._part_rows = part_rows
+        self._part_seconds = part_seconds
+        self._file = None
+        self._segment = 0
+        self._rows_in_segment = 0
+        self._opened_at = time.monotonic()
+
+    @classmethod
+    def open(cls, out: str | Path, job_summary: dict[str, Any], *, part_rows: int, part_seconds: float,
+             allow_other_job: bool = False) -> "Store":
+        """Open (or create) `out` for the job; recover what a crash left; refuse another job's folder.
+
+        Raises JobError when `out` belongs to another job fingerprint and `allow_other_job` is false.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = job_summary["fingerprint"]
+        _check_job_file(out, job_summary, allow_other_job)
+        store = cls(out, fingerprint, part_rows=part_rows, part_seconds=part_seconds)
+        store.recover()
+        return store
+
+    def recover(self) -> None:
+        """Turn every journal segment left by an earlier run into its part; remove temp files."""
+        for stale in self.out.glob("_part-*.tmp"):
+            stale.unlink()
+        parts = {int(m.group(1)) for p in self.out.iterdir() if (m := _PART.match(p.name))}
+        for number, path in sorted(self._journals()):
+            if number in parts:
+                path.unlink()  # converted before the crash, not yet deleted
+            else:
+                self.convert(path)
+            parts.add(number)
+        self._segment = max(parts, default=0)
+
+    def _journals(self) -> Iterator[tuple[int, Path]]:
+        for path in self.out.iterdir():
+            if m := _JOURNAL.match(path.name):
+                yield int(m.group(1)), path
+
+    def append(self, result: Result) -> None:
+        """Write one result to the journal and flush it to the OS (fsync happens in `sync`)."""
+        if self._file is None:
+            self._segment += 1
+            self._rows_in_segment = 0
+            self._opened_at = time.monotonic()
+            self._file = open(self._journal_path(self._segment), "a", encoding="utf-8")
+        self._file.write(_result_line(result))
+        self._file.flush()
+        self._rows_in_segment += 1
+
+    def should_rotate(self) -> bool:
+        """True when the open segment is due to become a part (by rows or by age)."""
+        if self._file is None:
+            return False
+        aged = time.monotonic() - self._opened_at >= self._part_seconds
+        return self._rows_in_segment >= self._part_rows or aged
+
+    def rotate(self) -> Path | None:
+        """Close the open segment (fsynced) and return its path for `convert`; None if none open."""
+        if self._file is None:
+            return None
+        self.sync()
+        self._file.close()
+        self._file = None
+        return self._journal_path(self._segment)
+
+    def sync(self) -> None:
+        """fsync the open journal segment: what was appended survives a power cut too."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+
+    def convert(self, journal: Path) -> Path | None:
+        """Write a journal segment's rows as its Parquet part, atomically, then delete the segment."""
+        number = int(_JOURNAL.match(journal.name).group(1))
+        rows = list(_read_journal(journal))
+        part = self.out / f"part-{number:05d}.parquet"
+        if rows:
+            tmp = self.out / f"_part-{number:05d}.tmp"
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
+            pq.write_table(table, tmp, compression="zstd")
+            _fsync_path(tmp)
+            os.replace(tmp, part)
+            _fsync_path(self.out)
+        journal.unlink()
+        _fsync_path(self.out)
+        return part if rows else None
+
+    def close(self) -> None:
+        """Rotate and convert the open segment: after this every row is in a part."""
+        segment = self.rotate()
+        if segment is not None:
+            self.convert(segment)
+
+    def _journal_path(self, number: int) -> Path:
+        return self.out / f"_journal-{number:05d}.jsonl"
+
+    def done_keys(self) -> set[int]:
+        """Key hashes of images whose latest row is `ok`: what a resumed run skips."""
+        done: set[int] = set()
+        for batch in iter_rows(self.out, columns=["image_path", "status"]):
+            for path, status in zip(batch["image_path"], batch["status"]):
+                if status == "ok":
+                    done.add(key_hash(path))
+                else:
+                    done.discard(key_hash(path))
+        return done
+
+
+def iter_rows(out: str | Path, columns: list[str]) -> Iterator[dict[str, list]]:
+    """Yield the out folder's rows, parts in order, a record batch at a time, as column lists."""
+    out = Path(out)
+    parts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _PART.match(p.name)))
+    for _, part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(columns=columns, batch_size=65_536):
+            yield batch.to_pydict()
+
+
+def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -> None:
+    path = out / JOB_FILE
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            earlier = {}
+        fingerprints = earlier.get("fingerprints") or [earlier.get("fingerprint")]
+        if summary["fingerprint"] == fingerprints[-1]:
+            return
+        if not allow_other_job:
+            raise JobError(
+                f"{out}: holds results of another job (fingerprint {fingerprints[-1]}, model "
+                f"{earlier.get('endpoint', {}).get('model')!r}); this job is {summary['fingerprint']}. "
+                f"Use a new --out folder, or pass --allow-job-change to add to this one"
+            )
+        summary = {**summary, "fingerprints": [*fingerprints, summary["fingerprint"]]}
+    else:
+        summary = {**summary, "fingerprints": [summary["fingerprint"]]}
+    _write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def _result_line(result: Result) -> str:
+    row = {name: getattr(result, name) for name in _FIELDS}
+    row["created_at"] = int(result.created_at.timestamp() * 1000)
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield a journal's rows; a torn last line (a crash mid-write) is dropped with a log line."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                log.warning("%s: line %d is torn (a crash mid-write); dropped", path.name, number)
+                continue
+            row["created_at"] = dt.datetime.fromtimestamp(row["created_at"] / 1000, dt.timezone.utc)
+            yield row
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"_{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

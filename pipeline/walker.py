@@ -1,0 +1,87 @@
+"""walker.py: find image files under a folder, streaming, in a deterministic order.
+
+Owns the filesystem walk and the resume key (the path relative to the root, POSIX form). It
+yields as it goes: a tree of millions of files is never listed whole, only one directory's names
+are held at a time (sorted, so that two runs see the same order). Hidden files and folders (a
+leading dot) are skipped; symlinked folders are followed once, so a link loop ends. Reads
+directory entries only, never file contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .records import Source
+
+__all__ = ["IMAGE_EXTENSIONS", "walk_images"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def walk_images(root: str | Path) -> Iterator[Source]:
+    """Yield a `Source` for every image file under `root`, depth first, names sorted.
+
+    A file `root` yields itself (key: its name). Unreadable folders are logged and skipped.
+    """
+    root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() in IMAGE_EXTENSIONS:
+            yield Source(path=root, key=root.name)
+        return
+    seen: set[tuple[int, int]] = set()  # (device, inode) of folders entered: ends symlink loops
+    # A stack of (folder, key prefix, names still to visit, which of them are folders).
+    stack = [(root, "", *_list_folder(root, seen))]
+    while stack:
+        folder, prefix, names, subfolders = stack[-1]
+        if not names:
+            stack.pop()
+            continue
+        name = names.pop()
+        if name in subfolders:
+            stack.append((folder / name, f"{prefix}{name}/", *_list_folder(folder / name, seen)))
+        else:
+            yield Source(path=folder / name, key=prefix + name)
+
+
+def _list_folder(folder: Path, seen: set[tuple[int, int]]) -> tuple[list[str], set[str]]:
+    """Return the folder's image files and visible subfolders, reverse-sorted so pop() is in order.
+
+    Only names are held (a flat folder of a million files costs tens of MB, not hundreds), plus
+    the set of those names that are folders. Empty for a folder already entered (a symlink loop or
+    a second link to it) or unreadable.
+    """
+    try:
+        info = folder.stat()
+        ident = (info.st_dev, info.st_ino)
+        if ident in seen:
+            log.info("skipping %s: folder already walked (symlink loop or duplicate link)", folder)
+            return [], set()
+        seen.add(ident)
+        names: list[str] = []
+        subfolders: set[str] = set()
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                if entry.name.startswith("."):
+                    continue
+                if _is_dir(entry):  # follows symlinks; `seen` stops loops
+                    subfolders.add(entry.name)
+                    names.append(entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    names.append(entry.name)
+    except OSError as err:
+        log.warning("skipping folder %s: %s", folder, err.strerror or err)
+        return [], set()
+    names.sort(reverse=True)
+    return names, subfolders
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a broken link, or a race with a deletion
+        return False

@@ -1,0 +1,300 @@
+"""End to end over loopback: `caption run` against the bundled server, asserting what the server saw."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+ROOT = Path(__file__).parent.parent
+SAMPLES = ROOT / "sample_data"
+SAMPLE_IMAGES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".png", ".webp"})
+BAD_SAMPLES = {"corrupt.jpg"}
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    """Write a job file for the test server; keyword overrides go in as `section_field=value`."""
+
+    def make(**overrides) -> Path:
+        sections: dict[str, dict] = {
+            "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "local-caption", "stream": True},
+            "prompt": {"user": "Describe this image.", "max_tokens": 100},
+            "image": {"max_side": 256, "detail": "low"},
+            "limits": {"concurrency": 4, "max_attempts": 3, "timeout_s": 10, "retry_base_s": 0.01,
+                       "retry_max_s": 2.0, "grace_s": 5},
+            "output": {"part_rows": 1000},
+        }
+        for key, value in overrides.items():
+            section, name = key.split("_", 1)
+            sections[section][name] = value
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        path = tmp_path / "job.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return make
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+@pytest.fixture
+def caption(server, capsys):
+    """Run `caption run` in-process against the test server; return (exit code, stdout, stderr)."""
+
+    def run(input_dir, out, job, *flags: str) -> tuple[int, str, str]:
+        code = main(["run", str(input_dir), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
+                     "--no-progress", *flags])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _rows(out: Path) -> list[dict]:
+    return pq.read_table(out).to_pylist()
+
+
+def _images(tmp_path: Path, names=("coffee_cup.jpg",), copies: int = 1) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        for i in range(copies):
+            target = folder / (name if copies == 1 else f"{i:03d}_{name}")
+            shutil.copyfile(SAMPLES / name, target)
+    return folder
+
+
+def _chat_requests(server) -> list:
+    return [o for o in server.observed()]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_sample_folder_gives_one_row_per_image(server, caption, job_file, tmp_path, stream):
+    out = tmp_path / "out"
+    code, stdout, _ = caption(SAMPLES, out, job_file(endpoint_stream=stream))
+    rows = {r["image_path"]: r for r in _rows(out)}
+    assert sorted(rows) == SAMPLE_IMAGES
+    assert code == 1  # corrupt.jpg is an error row
+    for name, row in rows.items():
+        if name in BAD_SAMPLES:
+            assert (row["status"], row["error_kind"], row["attempts"]) == ("error", "bad_image", 0)
+            continue
+        assert row["status"] == "ok", row
+        assert row["caption"] and row["finish_reason"] == "stop" and row["usage_source"] == "reported"
+        assert row["prompt_tokens"] > 85 and row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        assert max(row["sent_width"], row["sent_height"]) <= 256 and row["request_id"]
+        assert row["mode"] == "online" and row["attempts"] == 1 and len(row["image_sha256"]) == 64
+    seen = _chat_requests(server)
+    assert len(seen) == len(SAMPLE_IMAGES) - len(BAD_SAMPLES)  # no request for the corrupt file
+    assert all(o.stream is stream and o.status == 200 for o in seen)
+    assert f"Parquet in {out}" in stdout
+
+
+def test_exif_rotated_image_arrives_upright(server, caption, job_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # Stored pixels: a landscape image, red on the left; Orientation 6 says "rotate 90° clockwise to view",
+    # so upright it is a portrait image with red on top.
+    stored = Image.new("RGB", (200, 100), "blue")
+    stored.paste((255, 0, 0), (0, 0, 100, 100))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(folder / "rotated.jpg", exif=exif)
+    code, _, _ = caption(folder, tmp_path / "out", job_file())
+    assert code == 0
+    (seen,) = _chat_requests(server)
+    width, height = seen.image_size
+    assert height > width
+    thumb = seen.thumb.convert("RGB")
+    top = thumb.getpixel((thumb.width // 2, thumb.height // 4))
+    bottom = thumb.getpixel((thumb.width // 2, 3 * thumb.height // 4))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_429_pause_is_shared_and_honoured_on_the_server_clock(server, caption, job_file, tmp_path):
+    folder = _images(tmp_path, copies=8)
+    server.fail_next("429", times=4, retry_after_s=0.6)
+    code, _, _ = caption(folder, tmp_path / "out", job_file(limits_concurrency=4))
+    assert code == 0
+    seen = _chat_requests(server)
+    limited = [o for o in seen if o.status == 429]
+    assert len(limited) == 4 and len(seen) == 8 + 4  # one retry per 429: no stampede
+    last_429 = max(o.t for o in limited)
+    first_429 = min(o.t for o in limited)
+    after = [o.t for o in seen if o.t > last_429]
+    assert after and min(after) - first_429 >= 0.6
+    assert all(r["status"] == "ok" for r in _rows(tmp_path / "out"))
+
+
+def test_5xx_is_retried_then_succeeds(server, caption, job_file, tmp_path):
+    server.fail_next("503", times=2)
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file(limits_concurrency=1))
+    (row,) = _rows(tmp_path / "out")
+    assert code == 0 and row["status"] == "ok" and row["attempts"] == 3
+    assert [o.status for o in _chat_requests(server)] == [503, 503, 200]
+
+
+def test_400_is_not_retried(server, caption, job_file, tmp_path):
+    server.fail_next("400")
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file())
+    (row,) = _rows(tmp_path / "out")
+    assert code == 1 and (row["status"], row["error_kind"], row["attempts"]) == ("error", "bad_request", 1)
+    assert "HTTP 400" in row["error"] and len(_chat_requests(server)) == 1
+
+
+def test_retries_stop_at_max_attempts_with_an_error_row(server, caption, job_file, tmp_path):
+    server.fail_next("500", times=10)
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file(limits_max_attempts=3))
+    (row,) = _rows(tmp_path / "out")
+    assert code == 1 and (row["error_kind"], row["attempts"]) == ("transient", 3)
+    assert len(_chat_requests(server)) == 3
+
+
+RETRIED_FAULTS = ["500", "502", "504", "408", "html502", "drop", "hang", "error200", "stream_error", "no_done",
+                  "no_finish", "malformed"]
+
+
+@pytest.mark.parametrize("fault", RETRIED_FAULTS)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_transient_faults_are_retried(server, caption, job_file, tmp_path, fault, stream):
+    server.fail_next(fault)
+    job = job_file(endpoint_stream=stream, limits_concurrency=1, limits_timeout_s=1.0, limits_idle_timeout_s=0.5)
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job)
+    (row,) = _rows(tmp_path / "out")
+    assert code == 0 and row["status"] == "ok" and row["attempts"] == 2, row
+    assert len(_chat_requests(server)) == 2
+
+
+def test_missing_usage_is_estimated_and_marked(server, caption, job_file, tmp_path):
+    server.fail_next("no_usage")
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file())
+    (row,) = _rows(tmp_path / "out")
+    assert code == 0 and row["usage_source"] == "estimated" and row["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "fault, kind",
+    [("413", "bad_request"), ("422", "bad_request"), ("empty", "bad_output")],
+)
+def test_per_image_failures_become_error_rows(server, caption, job_file, tmp_path, fault, kind):
+    server.fail_next(fault)
+    code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file())
+    (row,) = _rows(tmp_path / "out")
+    assert code == 1 and (row["status"], row["error_kind"], row["attempts"]) == ("error", kind, 1)
+
+
+@pytest.mark.parametrize("fault", ["401", "403_quota", "404_model", "429_quota"])
+def test_fatal_errors_stop_the_run_and_a_rerun_finishes(server, caption, job_file, tmp_path, fault):
+    folder = _images(tmp_path, copies=6)
+    server.fail_next(fault, times=100)
+    job = job_file(limits_concurrency=1)
+    code, _, err = caption(folder, tmp_path / "out", job)
+    assert code == 3 and "stopped by the provider" in err
+    assert len(_chat_requests(server)) == 1  # stopped sending at once
+    assert not list((tmp_path / "out").glob("part-*"))  # a fatal error is not the image's fault: no row
+    server.reset()
+    code, _, _ = caption(folder, tmp_path / "out", job)
+    assert code == 0 and len(_rows(tmp_path / "out")) == 6
+
+
+def test_reasoning_model_switches_to_max_completion_tokens_once(server, caption, job_file, tmp_path):
+    folder = _images(tmp_path, copies=5)
+    code, _, err = caption(folder, tmp_path / "out", job_file(endpoint_model="local-reasoning-mini",
+                                                              limits_concurrency=1))
+    assert code == 0, err
+    seen = _chat_requests(server)
+    assert [o.status for o in seen] == [400, 200, 200, 200, 200, 200]
+    assert seen[0].max_tokens == 100 and all(o.max_completion_tokens == 100 and o.max_tokens is None
+                                             for o in seen[1:])
+    rows = _rows(tmp_path / "out")
+    assert all(r["reasoning_tokens"] and r["reasoning_tokens"] > 0 for r in rows)
+    assert "max_completion_tokens" in err  # logged once
+
+
+def test_bad_images_become_error_rows_without_requests(server, caption, job_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    whole = (SAMPLES / "coffee_cup.jpg").read_bytes()
+    (folder / "half.jpg").write_bytes(whole[: len(whole) // 2])
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 10_000)).save(bomb, "PNG")
+    (folder / "bomb.png").write_bytes(bomb.getvalue())
+    code, _, _ = caption(folder, tmp_path / "out", job_file())
+    rows = {r["image_path"]: r for r in _rows(tmp_path / "out")}
+    assert code == 1 and set(rows) == {"text.jpg", "empty.png", "half.jpg", "bomb.png"}
+    assert all(r["error_kind"] == "bad_image" and r["error"] for r in rows.values())
+    assert _chat_requests(server) == []
+
+
+def test_rerun_skips_ok_images_and_retries_errors(server, caption, job_file, tmp_path):
+    folder = _images(tmp_path, copies=4)
+    job = job_file(limits_concurrency=1, limits_max_attempts=1)
+    server.fail_next("500")
+    code, _, _ = caption(folder, tmp_path / "out", job)
+    assert code == 1
+    code, stdout, _ = caption(folder, tmp_path / "out", job)
+    assert code == 0 and "3 already done" in stdout
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == 5 and sum(r["status"] == "ok" for r in rows) == 4
+    assert len(_chat_requests(server)) == 5
+
+
+def test_another_job_on_the_same_out_folder_is_refused(server, caption, job_file, tmp_path):
+    folder = _images(tmp_path)
+    assert caption(folder, tmp_path / "out", job_file())[0] == 0
+    code, _, err = caption(folder, tmp_path / "out", job_file(), "--max-side", "128")
+    assert code == 2 and "another job" in err and err.count("\n") == 1
+    assert len(_chat_requests(server)) == 1
+
+
+def test_bad_job_and_missing_key_exit_2_before_any_request(server, caption, job_file, tmp_path, monkeypatch):
+    folder = _images(tmp_path)
+    code, _, err = caption(folder, tmp_path / "out", job_file(image_max_sid=3))
+    assert code == 2 and "max_sid" in err and err.count("\n") == 1
+    monkeypatch.delenv("CAPTION_NO_SUCH_KEY", raising=False)
+    code, _, err = caption(folder, tmp_path / "out", job_file(endpoint_api_key_env="CAPTION_NO_SUCH_KEY"))
+    assert code == 2 and "CAPTION_NO_SUCH_KEY" in err
+    assert _chat_requests(server) == []
+
+
+def test_api_key_never_reaches_output_or_logs(server, caption, job_file, tmp_path, monkeypatch):
+    secret = "sk-test-0123456789abcdefSECRET"
+    monkeypatch.setenv("CAPTION_TEST_KEY", secret)
+    folder = _images(tmp_path, copies=3)
+    server.fail_next("401")
+    job = job_file(endpoint_api_key_env="CAPTION_TEST_KEY", limits_concurrency=1)
+    code, out1, err1 = caption(folder, tmp_path / "out", job, "--debug")
+    server.fail_next("503")
+    code2, out2, err2 = caption(folder, tmp_path / "out", job, "--debug")
+    assert (code, code2) == (3, 0)
+    for text in (out1, err1, out2, err2):
+        assert secret not in text
+    for path in (tmp_path / "out").iterdir():
+        assert secret.encode() not in path.read_bytes()
+    assert all(o.authorized for o in server.observed())
+
+
+def test_demo_command_runs_with_the_in_process_endpoint(tmp_path, capsys):
+    code = main(["run", str(SAMPLES), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(tmp_path / "out"), "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert code == 1 and f"Parquet in {tmp_path / 'out'}" in stdout
+    rows = _rows(tmp_path / "out")
+    assert sum(r["status"] == "ok" for r in rows) == len(SAMPLE_IMAGES) - len(BAD_SAMPLES)

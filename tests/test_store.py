@@ -1,0 +1,160 @@
+"""The store: pinned schema, atomic parts, crash recovery at every step, the resume index."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import JobError
+from pipeline.records import Result
+from pipeline.store import SCHEMA, Store, key_hash
+
+EXPECTED_SCHEMA = pa.schema(
+    [
+        ("image_path", pa.string()),
+        ("image_sha256", pa.string()),
+        ("file_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sent_width", pa.int32()),
+        ("sent_height", pa.int32()),
+        ("sent_bytes", pa.int32()),
+        ("model", pa.string()),
+        ("caption", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),
+        ("reasoning_tokens", pa.int32()),
+        ("mode", pa.string()),
+        ("usage_source", pa.string()),
+        ("status", pa.string()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int16()),
+        ("latency_ms", pa.int32()),
+        ("request_id", pa.string()),
+        ("job_fingerprint", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+SUMMARY = {"fingerprint": "f" * 16, "endpoint": {"model": "m"}}
+
+
+def _row(path: str, status: str = "ok", caption: str = "a caption") -> Result:
+    return Result(image_path=path, status=status, job_fingerprint="f" * 16,
+                  created_at=dt.datetime(2026, 11, 26, 1, 2, 3, 456000, tzinfo=dt.timezone.utc),
+                  caption=caption if status == "ok" else None, prompt_tokens=10, completion_tokens=5,
+                  total_tokens=15, attempts=1, error_kind=None if status == "ok" else "transient")
+
+
+def _open(out, **kw) -> Store:
+    return Store.open(out, SUMMARY, part_rows=kw.pop("part_rows", 1000), part_seconds=60, **kw)
+
+
+def _all_rows(out) -> list[dict]:
+    return pq.read_table(out).to_pylist() if list(out.glob("part-*.parquet")) else []
+
+
+def test_schema_is_pinned_and_result_maps_onto_it(tmp_path):
+    assert SCHEMA.equals(EXPECTED_SCHEMA)
+    assert set(f.name for f in dataclasses.fields(Result)) == set(EXPECTED_SCHEMA.names)
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    store.close()
+    (part,) = tmp_path.glob("part-*.parquet")
+    assert pq.read_schema(part).equals(EXPECTED_SCHEMA)
+    (row,) = pq.read_table(part).to_pylist()
+    assert row["created_at"] == dt.datetime(2026, 11, 26, 1, 2, 3, 456000, tzinfo=dt.timezone.utc)
+    assert row["caption"] == "a caption" and row["cached_tokens"] is None
+
+
+def test_rotation_makes_numbered_parts_and_no_journal_is_left(tmp_path):
+    store = _open(tmp_path, part_rows=2)
+    for i in range(5):
+        store.append(_row(f"{i}.jpg"))
+        if store.should_rotate():
+            store.convert(store.rotate())
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json", "part-00001.parquet", "part-00002.parquet",
+                                                          "part-00003.parquet"]
+    assert [r["image_path"] for r in _all_rows(tmp_path)] == [f"{i}.jpg" for i in range(5)]
+
+
+def test_crash_before_conversion_recovers_journal_into_a_part(tmp_path):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    store.append(_row("b.jpg"))
+    # no close(): the process dies here; the journal was flushed line by line
+    _open(tmp_path)
+    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg", "b.jpg"]
+    assert not list(tmp_path.glob("_journal-*"))
+
+
+def test_crash_after_part_rename_before_journal_delete_writes_no_duplicate(tmp_path):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    segment = store.rotate()
+    kept = segment.read_bytes()
+    store.convert(segment)
+    segment.write_bytes(kept)  # as if the delete never happened
+    _open(tmp_path)
+    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg"]
+
+
+def test_torn_last_line_and_stale_tmp_are_dropped(tmp_path):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    segment = store.rotate()
+    with open(segment, "a") as handle:
+        handle.write('{"image_path": "b.jpg", "sta')
+    (tmp_path / "_part-00009.tmp").write_bytes(b"half a parquet file")
+    reopened = _open(tmp_path)
+    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg"]
+    assert not list(tmp_path.glob("_part-*"))
+    reopened.append(_row("c.jpg"))
+    reopened.close()
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00001.parquet", "part-00002.parquet"]
+
+
+def test_done_keys_follow_the_latest_row(tmp_path):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg", "error"))
+    store.append(_row("b.jpg", "ok"))
+    store.append(_row("c.jpg", "ok"))
+    store.convert(store.rotate())
+    store.append(_row("a.jpg", "ok"))
+    store.append(_row("c.jpg", "error"))
+    store.close()
+    assert _open(tmp_path).done_keys() == {key_hash("a.jpg"), key_hash("b.jpg")}
+
+
+def test_another_job_is_refused_unless_allowed(tmp_path):
+    _open(tmp_path).close()
+    other = {"fingerprint": "0" * 16, "endpoint": {"model": "other"}}
+    with pytest.raises(JobError, match="another job.*--allow-job-change"):
+        Store.open(tmp_path, other, part_rows=10, part_seconds=60)
+    Store.open(tmp_path, other, part_rows=10, part_seconds=60, allow_other_job=True)
+    recorded = json.loads((tmp_path / "_job.json").read_text())
+    assert recorded["fingerprints"] == ["f" * 16, "0" * 16]
+
+
+def test_out_folder_reads_as_one_dataset_with_pandas_and_duckdb(tmp_path):
+    import duckdb
+    import pandas as pd
+
+    store = _open(tmp_path, part_rows=1)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        store.append(_row(name))
+        store.convert(store.rotate())
+    store.append(_row("d.jpg"))  # still in the open journal: readers must skip `_` files
+    assert sorted(pd.read_parquet(tmp_path)["image_path"]) == ["a.jpg", "b.jpg", "c.jpg"]
+    count = duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/*.parquet')").fetchall()[0][0]
+    assert count == 3
