@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from .errors import (
     TransientError,
 )
 from .job import Job
-from .records import ChatResult, Usage
+from .records import ChatResult, RateInfo, Usage
 
 __all__ = [
     "SSEDecoder",
@@ -50,6 +50,7 @@ __all__ = [
     "parse_retry_after",
     "parse_duration",
     "parse_usage",
+    "parse_rate_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,28 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return max(waits) if waits else None
 
 
+def parse_rate_info(headers: Mapping[str, str]) -> RateInfo | None:
+    """The `x-ratelimit-limit-*` / `-remaining-*` counts of a response; None when it has none.
+
+    Header names per https://platform.openai.com/docs/guides/rate-limits#rate-limits-in-headers.
+    """
+    lower = {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+    if not lower:
+        return None
+
+    def count(name: str) -> int | None:
+        value = _non_negative(lower.get(name))
+        return None if value is None else int(value)
+
+    info = RateInfo(
+        limit_requests=count("x-ratelimit-limit-requests"),
+        remaining_requests=count("x-ratelimit-remaining-requests"),
+        limit_tokens=count("x-ratelimit-limit-tokens"),
+        remaining_tokens=count("x-ratelimit-remaining-tokens"),
+    )
+    return info if info != RateInfo() else None
+
+
 def _non_negative(text: str | None) -> float | None:
     try:
         value = float(text) if text is not None else None
@@ -232,7 +255,8 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes | dic
     if code in QUOTA_CODES or code.endswith(_QUOTA_SUFFIX):
         return QuotaError(message, **kw)
     if status == 429 or (status == 200 and "rate_limit" in code):
-        return RateLimitError(message, retry_after_s=_retry_after(headers, message), **kw)
+        hinted = any(k.lower().startswith(("x-ratelimit-", "retry-after")) for k in headers)
+        return RateLimitError(message, retry_after_s=_retry_after(headers, message), hinted=hinted, **kw)
     if status in (401, 403):
         return AuthError(message, **kw)
     if status == 404:
@@ -433,8 +457,10 @@ class ChatClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, job: Job, base_url: str, *,
-                 api_key: str | None, headers: Mapping[str, str]):
+                 api_key: str | None, headers: Mapping[str, str],
+                 on_rate_info: Callable[[RateInfo], None] | None = None):
         self._session = session
+        self._on_rate_info = on_rate_info  # told the x-ratelimit-* counts of every response
         self._job = job
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json", **headers}
@@ -465,6 +491,8 @@ class ChatClient:
             async with self._session.post(self._url, json=payload, headers=self._headers,
                                           timeout=self._timeout) as response:
                 request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+                if self._on_rate_info is not None and (info := parse_rate_info(response.headers)):
+                    self._on_rate_info(info)
                 is_stream = response.content_type == "text/event-stream"
                 if response.status != 200 or not is_stream:
                     body = await response.read()

@@ -51,9 +51,10 @@ class RateLimitError(CaptionError):
 
     kind = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw):
+    def __init__(self, message: str, *, retry_after_s: float | None = None, hinted: bool = False, **kw):
         super().__init__(message, **kw)
         self.retry_after_s = retry_after_s  # what the server asked for, None when it did not say
+        self.hinted = hinted  # the 429 carried rate-limit headers (False: a bare 429, e.g. a relay's cap)
 
 
 class TransientError(CaptionError):

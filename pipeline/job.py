@@ -80,6 +80,8 @@ class Limits:
     """How hard we push the provider and how long we wait for it."""
 
     concurrency: int = 16  # requests in flight at most
+    rpm: int | None = None  # requests per minute; None: learned from x-ratelimit-limit-requests
+    tpm: int | None = None  # tokens per minute; None: learned from x-ratelimit-limit-tokens
     max_attempts: int = 5  # per image, first try included
     timeout_s: float = 120.0  # one whole request
     idle_timeout_s: float = 60.0  # longest silence between two stream chunks
@@ -244,6 +246,8 @@ _RANGES: list[tuple[str, float, float]] = [
     ("image.max_side", 16, 8192),
     ("image.quality", 1, 100),
     ("limits.concurrency", 1, 10_000),
+    ("limits.rpm", 1, 100_000_000),
+    ("limits.tpm", 1, 10_000_000_000),
     ("limits.max_attempts", 1, 100),
     ("limits.timeout_s", 0.001, 86_400),
     ("limits.idle_timeout_s", 0.001, 86_400),

@@ -702,8 +702,8 @@ class _Limits:
                                 f"was hit. Please try again in {_go_duration(wait)}.", "requests", wait)
         if self.requests is not None and self.requests.level < 1:
             self._charge_request()
-            wait = self.requests.wait_s(1)
             self.trip(now)
+            wait = max(self.requests.wait_s(1), self.penalty_until - now)  # the penalty, when set, is the wait
             return self._reject("rpm", f"Rate limit reached for {model} on requests per min (RPM): Limit "
                                 f"{self.requests.limit}, Used {self.requests.used()}, Requested 1. Please try "
                                 f"again in {_go_duration(wait)}.", "requests", wait)
@@ -719,8 +719,8 @@ class _Limits:
                                 f"{bucket.limit}, Requested {cost}. The input or output tokens must be "
                                 "reduced in order to run successfully.", "tokens", None)
         if bucket.level < cost:
-            wait = bucket.wait_s(cost)
             self.trip(now)
+            wait = max(bucket.wait_s(cost), self.penalty_until - now)
             return self._reject("tpm", f"Rate limit reached for {model} on tokens per min (TPM): Limit "
                                 f"{bucket.limit}, Used {bucket.used()}, Requested {cost}. Please try again "
                                 f"in {_go_duration(wait)}.", "tokens", wait)

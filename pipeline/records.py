@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Source", "Encoded", "Usage", "ChatResult", "Result"]
+__all__ = ["Source", "Encoded", "Usage", "ChatResult", "RateInfo", "Result"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,16 @@ class ChatResult:
     finish_reason: str | None
     usage: Usage | None  # None when the server sent no usage
     request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateInfo:
+    """What a response's `x-ratelimit-*` headers said; None where a header was absent."""
+
+    limit_requests: int | None = None  # requests per minute
+    remaining_requests: int | None = None
+    limit_tokens: int | None = None  # tokens per minute
+    remaining_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

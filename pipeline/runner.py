@@ -122,7 +122,8 @@ class _Run:
         self.done = done
         self.summary = RunSummary(out=store.out)
         limits = job.limits
-        self.limiter = Limiter(limits.concurrency, backoff_base_s=limits.retry_base_s, max_pause_s=limits.retry_max_s)
+        self.limiter = Limiter(limits.concurrency, rpm=limits.rpm, tpm=limits.tpm, backoff_base_s=limits.retry_base_s,
+                               max_pause_s=limits.retry_max_s)
         self.image_workers = limits.preprocess_workers or os.cpu_count() or 1
         self.sources: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
         self.encoded: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
@@ -155,7 +156,8 @@ class _Run:
         pool = concurrent.futures.ThreadPoolExecutor(self.image_workers, thread_name_prefix="caption-image")
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                self.client = ChatClient(session, self.job, base_url, api_key=api_key, headers=headers)
+                self.client = ChatClient(session, self.job, base_url, api_key=api_key, headers=headers,
+                                         on_rate_info=self.limiter.observe)
                 await self._run_stages(pool)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -252,6 +254,7 @@ class _Run:
     async def _caption(self, source: Source, encoded: Encoded) -> Result:
         """Send one image with retries; return its row. Raises FatalError only."""
         data_url = encoded.data_url()
+        tokens = self._request_tokens(encoded)
         attempts, latency_s = 0, 0.0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.job.limits.max_attempts),
@@ -265,7 +268,7 @@ class _Run:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     started = time.monotonic()
-                    chat = await self._attempt(data_url)
+                    chat = await self._attempt(data_url, tokens)
                     latency_s = time.monotonic() - started
         except FatalError:
             raise
@@ -273,15 +276,30 @@ class _Run:
             return self._error_row(source, encoded, err, attempts=attempts)
         return self._ok_row(source, encoded, chat, attempts=attempts, latency_s=latency_s)
 
-    async def _attempt(self, data_url: str) -> ChatResult:
-        async with self.limiter.slot():
-            try:
-                chat = await self.client.complete(data_url)
-            except RateLimitError as err:
-                self.limiter.on_rate_limited(err.retry_after_s)
-                raise
+    async def _attempt(self, data_url: str, tokens: int) -> ChatResult:
+        """One request through the limiter's gates; its slot is freed before any retry wait."""
+        permit = await self.limiter.acquire(tokens)
+        used = None
+        try:
+            chat = await self.client.complete(data_url)
+            if chat.usage is not None and chat.usage.source == "reported":
+                used = chat.usage.prompt_tokens + self.job.prompt.max_tokens
+        except RateLimitError as err:
+            self.limiter.on_rate_limited(permit, err.retry_after_s, hinted=err.hinted)
+            raise
+        finally:
+            self.limiter.release(permit, used_tokens=used)
         self.limiter.on_success()
         return chat
+
+    def _request_tokens(self, encoded: Encoded) -> int:
+        """What a request counts against TPM before it is sent: prompt estimate + max_tokens.
+
+        That is how OpenAI counts it: https://platform.openai.com/docs/guides/rate-limits
+        """
+        prompt = self.job.prompt
+        return (cost.openai_tile_tokens(encoded.sent_width, encoded.sent_height, self.job.image.detail)
+                + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens)
 
     def _retry_wait(self, state: RetryCallState) -> float:
         """A 429's wait is the limiter's shared pause (slot() waits on it); others back off."""
@@ -381,7 +399,7 @@ class _Progress:
     def update(self) -> None:
         run, summary = self._run, self._run.summary
         stats = {"ok": summary.ok, "err": summary.errors, "retry": summary.retries,
-                 "429": run.limiter.rate_limited, "inflight": run.limiter.in_flight,
+                 "429": run.limiter.rate_limited, "inflight": f"{run.limiter.in_flight}/{int(run.limiter.limit)}",
                  "tok": summary.prompt_tokens + summary.completion_tokens}
         if self._bar is not None:
             self._bar.n = summary.ok + summary.errors

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ SCHEMA = pa.schema(
 """One row per image attempt that ended. Change it here and in tests/test_store.py, deliberately."""
 
 JOB_FILE = "_job.json"
+CONVERT_BATCH = 4096  # journal rows per Parquet row group
 _JOURNAL = re.compile(r"^_journal-(\d{5,})\.jsonl$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
@@ -169,18 +171,25 @@ class Store:
     def convert(self, journal: Path) -> Path | None:
         """Write a journal segment's rows as its Parquet part, atomically, then delete the segment."""
         number = int(_JOURNAL.match(journal.name).group(1))
-        rows = list(_read_journal(journal))
         part = self.out / f"part-{number:05d}.parquet"
-        if rows:
-            tmp = self.out / f"_part-{number:05d}.tmp"
-            table = pa.Table.from_pylist(rows, schema=SCHEMA)
-            pq.write_table(table, tmp, compression="zstd")
+        tmp = self.out / f"_part-{number:05d}.tmp"
+        rows = _read_journal(journal)
+        writer = None
+        try:
+            # A row group per CONVERT_BATCH rows: memory stays flat whatever part_rows is.
+            while batch := list(itertools.islice(rows, CONVERT_BATCH)):
+                writer = writer or pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
             _fsync_path(tmp)
             os.replace(tmp, part)
             _fsync_path(self.out)
         journal.unlink()
         _fsync_path(self.out)
-        return part if rows else None
+        return part if writer is not None else None
 
     def close(self) -> None:
         """Rotate and convert the open segment: after this every row is in a part."""

@@ -1,0 +1,149 @@
+"""benchmarks/ratelimits.py: does caption keep the provider exactly as busy as its limits allow?
+
+    python benchmarks/ratelimits.py                 # all five scenarios, ~6 minutes on 2 cores
+    python benchmarks/ratelimits.py --only 3        # one scenario
+
+The bundled endpoint runs in this process (a thread) with the scenario's limits, so we can read
+what it observed; `caption run` runs in a subprocess, as a user would run it, and is never told
+the limits: it learns them from headers, or from bare 429s. Each scenario prints achieved
+images/s in the steady state (the second half of the completions, after the buckets' initial
+burst), the ceiling the limits allow, their ratio, and the share of requests that got a 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, WORK, image_tree, run_caption  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from pipeline.localserver import LocalServer  # noqa: E402
+
+MAX_TOKENS = 100
+USER_PROMPT = "Describe this image."  # jobs/demo.toml's prompt differs; we pass ours as a flag
+
+
+def mixed_tree(count: int) -> Path:
+    """Images of four sizes, so that requests cost different numbers of tokens (detail=high)."""
+    root = WORK / f"mixed-{count}"
+    if (root / ".complete").exists():
+        return root
+    sizes = [(300, 200), (700, 500), (1000, 1000), (1400, 700)]
+    seeds = []
+    for i, size in enumerate(sizes):
+        path = WORK / f"mixed-seed-{i}.jpg"
+        Image.new("RGB", size, (60 * i, 120, 200 - 40 * i)).save(path, quality=80)
+        seeds.append(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        target = root / f"img{i:06d}.jpg"
+        if not target.exists():
+            target.hardlink_to(seeds[i % len(seeds)])
+    (root / ".complete").touch()
+    return root
+
+
+def run_scenario(server: LocalServer, tree: Path, *flags: str) -> tuple[list[dict], dict]:
+    out = WORK / "ratelimits-out"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["run", str(tree), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(out),
+            "--base-url", server.base_url, "--no-progress", "--user", USER_PROMPT, "--max-tokens", str(MAX_TOKENS),
+            "--max-attempts", "50", *flags]
+    result = run_caption(argv)
+    rows = pq.read_table(out).to_pylist()
+    return rows, result
+
+
+def steady_rate(rows: list[dict]) -> float:
+    """Completions per second over the second half of the run (by completion time)."""
+    times = sorted(r["created_at"].timestamp() for r in rows if r["status"] == "ok")
+    half = times[len(times) // 2:]
+    return (len(half) - 1) / (half[-1] - half[0])
+
+
+def report(name: str, rows: list[dict], server: LocalServer, ceiling: float, target: float, max_429: float) -> None:
+    seen = server.observed()
+    share_429 = sum(o.status == 429 for o in seen) / len(seen)
+    rate = steady_rate(rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    verdict = "ok" if rate / ceiling >= target and share_429 <= max_429 else "MISSED"
+    print(f"| {name} | {ok}/{len(rows)} | {rate:.2f} | {ceiling:.2f} | {rate / ceiling:.3f} (≥ {target}) | "
+          f"{share_429:.1%} (≤ {max_429:.0%}) | {verdict} |", flush=True)
+
+
+def scenario_rpm(server: LocalServer) -> None:
+    server.reset()
+    server.set_latency(1.0, sigma=0.3)
+    server.rate_limit(rpm=600)
+    rows, _ = run_scenario(server, image_tree(WORK / "tree-1500", 1500), "--concurrency", "64")
+    report("1. RPM 600, L≈1 s lognormal, C=64, 1,500 images", rows, server, 600 / 60, 0.95, 0.02)
+
+
+def scenario_tpm(server: LocalServer) -> None:
+    server.reset()
+    server.set_latency(0.3, sigma=0.3)
+    tpm = 400_000
+    server.rate_limit(rpm=100_000, tpm=tpm)
+    rows, _ = run_scenario(server, mixed_tree(1600), "--concurrency", "64", "--detail", "high", "--max-side", "1400")
+    per_request = statistics.fmean(r["prompt_tokens"] + MAX_TOKENS for r in rows if r["status"] == "ok")
+    report(f"2. TPM {tpm:,} (≈{per_request:.0f} tokens/request, mixed sizes), C=64", rows, server,
+           tpm / 60 / per_request, 0.90, 0.02)
+
+
+def scenario_relay(server: LocalServer) -> None:
+    server.reset()
+    latency = 0.5
+    server.set_latency(latency)
+    server.rate_limit(concurrency=8, headers=False)
+    rows, _ = run_scenario(server, image_tree(WORK / "tree-1500", 1500), "--concurrency", "64")
+    report("3. relay: bare 429 above 8 in flight, L=0.5 s, C=64", rows, server, 8 / latency, 0.90, 0.05)
+
+
+def scenario_unlimited(server: LocalServer) -> None:
+    server.reset()
+    latency = 2.0
+    server.set_latency(latency)
+    rows, _ = run_scenario(server, image_tree(WORK / "tree-1500", 1500), "--concurrency", "64")
+    report("4. no limits, L=2 s, C=64", rows, server, 64 / latency, 0.95, 0.0)
+
+
+def scenario_retry_after(server: LocalServer) -> None:
+    server.reset()
+    server.set_latency(0.1)
+    server.rate_limit(rpm=120, penalty_s=3.0)
+    rows, _ = run_scenario(server, image_tree(WORK / "tree-300", 300), "--concurrency", "16")
+    seen = server.observed()
+    trips = [o for o in seen if o.status == 429 and o.fault != "penalty"]
+    during = [o for o in seen for trip in trips if trip.t + 0.05 < o.t < trip.t + 3.0]
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"| 5. retry-after: 3 for 3 s after the RPM 120 limit trips, C=16 | {ok}/{len(rows)} | "
+          f"{len(trips)} trips | requests during a pause: {len(during)} (target 0) | "
+          f"{sum(o.status == 429 for o in seen)} 429s of {len(seen)} | | {'ok' if not during else 'MISSED'} |",
+          flush=True)
+
+
+SCENARIOS = [scenario_rpm, scenario_tpm, scenario_relay, scenario_unlimited, scenario_retry_after]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", type=int, choices=range(1, len(SCENARIOS) + 1))
+    args = parser.parse_args()
+    print("| scenario | ok rows | steady img/s | ceiling | ratio | 429s | |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with LocalServer() as server:
+        for number, scenario in enumerate(SCENARIOS, 1):
+            if args.only in (None, number):
+                scenario(server)
+
+
+if __name__ == "__main__":
+    main()
