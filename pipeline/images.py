@@ -4,15 +4,16 @@ Owns every pixel decision: refuse what is not a decodable image (`BadImageError`
 decompression bombs, apply the EXIF orientation, flatten any mode onto white RGB, shrink so the long
 side fits `max_side` (JPEG draft mode first, so a 12 MP photo is never decoded at full size), and
 re-encode as JPEG, WebP or PNG with no metadata. Pure CPU work that releases the GIL inside Pillow,
-so the runner may call `encode_image` from a thread pool.
+so the runner may call `encode_image` from a thread pool. `probe_size` serves estimates: the size
+read from the header alone (of bytes, or of a file object the caller opened), no pixel decoded.
 
 Speed notes (`python benchmarks/preprocess.py`): for a 12 MP camera JPEG the naive path (full
 decode, `ImageOps.exif_transpose`, LANCZOS resize) spends most of its time on pixels it then throws
 away. Here libjpeg decodes at 1/2, 1/4 or 1/8 scale (DCT scaling) straight to a size at least as
 large as the target, a cheap antialiased filter takes it the rest of the way, and the EXIF rotation
 is applied to the small result. Measured on 2 cores with Pillow 13: ~16 images/s per core against
-the naive ~4.6 (3.6×), 41 dB PSNR or better against the naive output, 1.95× with 2 threads, and
-~52 MB peak RSS per worker process against ~137 MB.
+the naive ~4.5 (3.6×), 41 dB PSNR or better against the naive output, ~1.9× with 2 threads or 2
+processes, and ~58 MB peak RSS per worker process against ~125 MB.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -33,7 +35,15 @@ from .errors import BadImageError
 from .job import ImageSettings
 from .records import Encoded
 
-__all__ = ["encode_image", "fit_within", "oriented_size", "MIME_TYPES", "MAX_PIXELS", "ACCEPTED_FORMATS"]
+__all__ = [
+    "encode_image",
+    "probe_size",
+    "fit_within",
+    "oriented_size",
+    "MIME_TYPES",
+    "MAX_PIXELS",
+    "ACCEPTED_FORMATS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +176,27 @@ def oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def probe_size(source: BinaryIO | bytes) -> tuple[int, int]:
+    """Return an image's displayed (width, height) after EXIF orientation, reading its header only.
+
+    `source` is the file's bytes or a binary file object (read, seek, tell) that the caller opened
+    and closes: this module does no file I/O. Pillow opens lazily, so no pixel is decoded and a JPEG
+    costs tens of microseconds (what `caption estimate` needs). A truncated file with an intact
+    header passes here; only decoding (`encode_image`) finds it. An orientation stored after the
+    pixel data (a PNG eXIf chunk after IDAT) is not looked for, as that would mean decoding them.
+
+    Raises BadImageError, as `encode_image` does, for a file that is empty, not an image Pillow can
+    read, or larger than MAX_PIXELS.
+    """
+    _silence_bomb_warning()
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with _bad_image_errors():
+        image = _open_checked(stream)
+        if image.format == "PNG" and "exif" not in image.info:
+            return image.size  # PngImageFile.getexif() would decode the pixels to look further
+        return oriented_size(*image.size, _orientation(image))
+
+
 def _open_shrunk(data: bytes, max_side: int) -> _Decoded:
     """Open `data`, check its size, and decode it; JPEGs at the smallest DCT scale still >= target.
 
@@ -175,7 +206,7 @@ def _open_shrunk(data: bytes, max_side: int) -> _Decoded:
     (https://pillow.readthedocs.io/en/stable/reference/Image.html#PIL.Image.Image.draft).
     Other formats have no draft mode and decode at full size.
     """
-    image = _open_checked(data)
+    image = _open_checked(io.BytesIO(data))
     stored_size = image.size
     target = fit_within(*stored_size, max_side)
     box = None
@@ -187,14 +218,15 @@ def _open_shrunk(data: bytes, max_side: int) -> _Decoded:
     return _Decoded(image=image, stored_size=stored_size, box=box)
 
 
-def _open_checked(data: bytes) -> ImageFile.ImageFile:
-    """Read the header of `data` (no pixels yet) and refuse images over MAX_PIXELS."""
-    if not data:
+def _open_checked(stream: BinaryIO) -> ImageFile.ImageFile:
+    """Read the header in `stream` (no pixels yet) and refuse images over MAX_PIXELS."""
+    head = stream.read(8)
+    if not head:
         raise BadImageError("not an image Pillow can read: the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data), formats=_available_formats())
+        image = Image.open(stream, formats=_available_formats())  # Pillow seeks back to 0 itself
     except UnidentifiedImageError:
-        raise BadImageError(f"not an image Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
+        raise BadImageError(f"not an image Pillow can read (it starts {head!r})") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise BadImageError(_bomb_message(f"{width}×{height} = ", width * height))

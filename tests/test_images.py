@@ -13,10 +13,18 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageChops, ImageOps, ImageStat
+from PIL import Image, ImageChops, ImageFile, ImageOps, ImageStat
 
 from pipeline.errors import BadImageError
-from pipeline.images import MAX_PIXELS, MIME_TYPES, _open_shrunk, encode_image, fit_within, oriented_size
+from pipeline.images import (
+    MAX_PIXELS,
+    MIME_TYPES,
+    _open_shrunk,
+    encode_image,
+    fit_within,
+    oriented_size,
+    probe_size,
+)
 from pipeline.job import ImageSettings
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
@@ -42,7 +50,7 @@ def _close(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int) -
 
 
 def _psnr_db(a: Image.Image, b: Image.Image) -> float:
-    rms = ImageStat.Stat(ImageChops.difference(a, b)).rms  # per band, = RMSE since |a-b| squared
+    rms = ImageStat.Stat(ImageChops.difference(a, b)).rms  # RMS of |a - b| per band: the RMSE
     mse = sum(r * r for r in rms) / len(rms)
     return 10 * math.log10(255**2 / mse) if mse else math.inf
 
@@ -362,10 +370,10 @@ def _half_of(data: bytes) -> bytes:
 
 CORRUPT, NOT_IMAGE = "truncated or corrupt image data: ", "not an image Pillow can read"
 BAD_CASES = [
-    ("truncated-jpeg", lambda: _half_of((SAMPLES / "coffee_cup.jpg").read_bytes()), CORRUPT + "image file is truncated"),
+    ("truncated-jpeg", lambda: _half_of((SAMPLES / "coffee_cup.jpg").read_bytes()), CORRUPT + "image file is trunc"),
     ("sample-corrupt-jpeg", lambda: (SAMPLES / "corrupt.jpg").read_bytes(), CORRUPT + "image file is truncated"),
     ("truncated-png", lambda: _half_of(_save(Image.effect_noise((64, 64), 50), "PNG")), CORRUPT),
-    ("random-bytes", lambda: random.Random(0).randbytes(4096), NOT_IMAGE + r" \(4096 bytes"),
+    ("random-bytes", lambda: random.Random(0).randbytes(4096), NOT_IMAGE + r" \(it starts b'"),
     ("empty", lambda: b"", NOT_IMAGE + ": the file is empty"),
     ("text-file", lambda: b"name,caption\ncat.jpg,a cat\n", NOT_IMAGE),
     ("jpeg-header-only", lambda: b"\xff\xd8\xff\xe0" + b"\x00" * 12, NOT_IMAGE),
@@ -379,6 +387,55 @@ def test_bad_input_is_a_one_line_bad_image_error(make, words):
         encode_image(make(), SETTINGS)
     assert caught.value.kind == "bad_image"
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe_size: the header only, for estimates
+
+
+@pytest.fixture
+def decoded_formats(monkeypatch) -> list[str]:
+    """Record every pixel decode (ImageFile.load) instead of doing it: probe_size must read headers only.
+
+    Recorded rather than raised, because an exception could be swallowed on the way (a failed
+    EXIF read is ignored, by design).
+    """
+    seen: list[str] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, *args, **kwargs: seen.append(self.format))
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: _stored_with_orientation(6, "JPEG"), (64, 48)),
+        (lambda: _stored_with_orientation(8, "PNG"), (64, 48)),  # eXIf before the pixels: found
+        (lambda: _save(Image.new("RGB", (300, 200)), "WEBP"), (300, 200)),
+        (lambda: _huge_one_bit_png(9000), (9000, 9000)),
+        (lambda: (SAMPLES / "rotated_exif.jpg").read_bytes(), (600, 400)),
+        (lambda: (SAMPLES / "corrupt.jpg").read_bytes(), (640, 427)),  # truncation is not looked for
+    ],
+    ids=["jpeg-orientation-6", "png-orientation-8", "webp", "81-MP-png", "sample-rotated", "sample-corrupt"],
+)
+def test_probe_size_reads_the_displayed_size_from_the_header(make, expected, decoded_formats):
+    assert probe_size(io.BytesIO(make())) == expected
+    assert probe_size(make()) == expected  # bytes work as well as a file object
+    assert decoded_formats == []
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: b"", "the file is empty"),
+        (lambda: b"GIF89", NOT_IMAGE),
+        (lambda: _huge_one_bit_png(20_000), "400 MP, over the 178 MP limit"),
+    ],
+    ids=["empty", "too-short", "bomb"],
+)
+def test_probe_size_refuses_what_encode_image_refuses(make, words, decoded_formats):
+    with pytest.raises(BadImageError, match=words):
+        probe_size(io.BytesIO(make()))
+    assert decoded_formats == []
 
 
 # ---------------------------------------------------------------------------------------------
