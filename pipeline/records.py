@@ -108,3 +108,4 @@ class Result:
     attempts: int = 0
     latency_ms: int | None = None
     request_id: str | None = None
+    dedup_of: str | None = None  # for a copy of an image already sent: the image_path that was sent

@@ -20,6 +20,7 @@ Shutdown order (Ctrl-C, SIGTERM, or a fatal provider error):
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime as dt
 import itertools
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 import tqdm
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from . import cost, images, job as jobmod
 from .client import ChatClient
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 WALK_BATCH = 256  # paths taken from the walker thread at a time
 TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
 LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
+RATE_LIMIT_PATIENCE = 10  # an image ends as rate_limited only after this × max_attempts 429s
+DEDUP_CACHE = 4096  # recent ok rows kept to answer duplicates without a disk scan
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
@@ -94,7 +97,7 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
     """The same as `run`, inside a running loop (tests call this)."""
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
-    done = await asyncio.to_thread(store.done_keys)
+    done, sent_shas = await asyncio.to_thread(store.resume_index)
     server = None
     base_url = job.endpoint.base_url
     if base_url == jobmod.LOCAL_BASE_URL:
@@ -103,7 +106,7 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
         server = LocalServer()
         base_url = await asyncio.to_thread(server.start)
     try:
-        runner = _Run(job, Path(input_path), store, done, progress)
+        runner = _Run(job, Path(input_path), store, done, sent_shas, progress)
         if handle_signals:
             runner.install_signal_handlers()
         return await runner.main(base_url, api_key, headers)
@@ -115,11 +118,15 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
 class _Run:
     """One run's queues, workers and counters."""
 
-    def __init__(self, job: Job, input_path: Path, store: Store, done: set[int], progress: bool | None):
+    def __init__(self, job: Job, input_path: Path, store: Store, done: set[int], sent_shas: set[int],
+                 progress: bool | None):
         self.job = job
         self.input_path = input_path
         self.store = store
         self.done = done
+        self.sent_shas = sent_shas  # hashes of the sha256 of every image with an ok row
+        self._sending: dict[int, asyncio.Future] = {}  # sha hash → the row of the copy being sent now
+        self._recent: collections.OrderedDict[int, Result] = collections.OrderedDict()  # sha hash → ok row
         self.summary = RunSummary(out=store.out)
         limits = job.limits
         self.limiter = Limiter(limits.concurrency, rpm=limits.rpm, tpm=limits.tpm, backoff_base_s=limits.retry_base_s,
@@ -241,7 +248,7 @@ class _Run:
         while (item := await self.encoded.get()) is not _DONE:
             source, encoded = item
             try:
-                self._record(await self._caption(source, encoded))
+                self._record(await self._caption_once(source, encoded))
             except FatalError as err:
                 if not self.summary.fatal:
                     self.summary.fatal = str(err)
@@ -251,13 +258,49 @@ class _Run:
 
     # --- one image -------------------------------------------------------------------------
 
+    async def _caption_once(self, source: Source, encoded: Encoded) -> Result:
+        """Caption an image unless a file with the same bytes was (or is being) sent: copy that.
+
+        Identical files are sent once per out folder, across resumed runs too; the copies get
+        the same caption, zero tokens, and `dedup_of` naming the image that was sent.
+        """
+        sha = key_hash(encoded.sha256)
+        while (original := await self._sent_copy(sha, encoded.sha256)) is None and sha in self._sending:
+            pass  # the copy we waited for failed, and another waiter has taken its place: wait for that one
+        if original is not None:
+            return self._dedup_row(source, encoded, original)
+        future = asyncio.get_running_loop().create_future()
+        self._sending[sha] = future
+        result = None
+        try:
+            result = await self._caption(source, encoded)
+        finally:
+            del self._sending[sha]
+            future.set_result(result if result is not None and result.status == "ok" else None)
+        if result.status == "ok":
+            self.sent_shas.add(sha)
+            self._recent[sha] = result
+            if len(self._recent) > DEDUP_CACHE:
+                self._recent.popitem(last=False)
+        return result
+
+    async def _sent_copy(self, sha: int, sha256: str) -> Result | dict | None:
+        """The ok row of an earlier copy of these bytes: being sent now, recent, or on disk."""
+        if (sending := self._sending.get(sha)) is not None:
+            return await asyncio.shield(sending)  # None if that copy failed: then we try ourselves
+        if (recent := self._recent.get(sha)) is not None:
+            return recent
+        if sha in self.sent_shas:
+            return await asyncio.to_thread(self.store.find_ok_by_sha, sha256)
+        return None
+
     async def _caption(self, source: Source, encoded: Encoded) -> Result:
         """Send one image with retries; return its row. Raises FatalError only."""
         data_url = encoded.data_url()
         tokens = self._request_tokens(encoded)
         attempts, latency_s = 0, 0.0
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.job.limits.max_attempts),
+            stop=self._retry_stop,
             retry=retry_if_exception_type((RateLimitError, TransientError)),
             wait=self._retry_wait,
             before_sleep=self._before_retry,
@@ -301,6 +344,17 @@ class _Run:
         return (cost.openai_tile_tokens(encoded.sent_width, encoded.sent_height, self.job.image.detail)
                 + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens)
 
+    def _retry_stop(self, state: RetryCallState) -> bool:
+        """Stop at max_attempts; while the failure is a 429, allow RATE_LIMIT_PATIENCE times more.
+
+        A rate limit says "later", not "no": an overnight run should not turn a busy provider
+        into error rows, but it should not loop for ever on a server that only says 429 either.
+        """
+        attempts = self.job.limits.max_attempts
+        if isinstance(state.outcome.exception(), RateLimitError):
+            attempts *= RATE_LIMIT_PATIENCE
+        return state.attempt_number >= attempts
+
     def _retry_wait(self, state: RetryCallState) -> float:
         """A 429's wait is the limiter's shared pause (slot() waits on it); others back off."""
         if isinstance(state.outcome.exception(), RateLimitError):
@@ -333,6 +387,20 @@ class _Run:
             attempts=attempts,
             latency_ms=round(latency_s * 1000),
             request_id=chat.request_id,
+        )
+
+    def _dedup_row(self, source: Source, encoded: Encoded, original: Result | dict) -> Result:
+        get = original.get if isinstance(original, dict) else lambda name: getattr(original, name)
+        return Result(
+            **_image_fields(source, encoded, self.job.fingerprint),
+            status="ok",
+            model=get("model"),
+            caption=get("caption"),
+            finish_reason=get("finish_reason"),
+            prompt_tokens=0,
+            completion_tokens=0,
+            total_tokens=0,
+            dedup_of=get("image_path"),
         )
 
     def _error_row(self, source: Source, encoded: Encoded | None, err: CaptionError, *, attempts: int) -> Result:

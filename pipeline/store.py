@@ -65,6 +65,7 @@ SCHEMA = pa.schema(
         ("attempts", pa.int16()),
         ("latency_ms", pa.int32()),
         ("request_id", pa.string()),
+        ("dedup_of", pa.string()),
         ("job_fingerprint", pa.string()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
@@ -76,6 +77,7 @@ CONVERT_BATCH = 4096  # journal rows per Parquet row group
 _JOURNAL = re.compile(r"^_journal-(\d{5,})\.jsonl$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
+_COPIED = ("image_path", "model", "caption", "finish_reason")  # what a duplicate takes from its original
 
 
 def key_hash(key: str) -> int:
@@ -202,23 +204,56 @@ class Store:
 
     def done_keys(self) -> set[int]:
         """Key hashes of images whose latest row is `ok`: what a resumed run skips."""
+        return self.resume_index()[0]
+
+    def resume_index(self) -> tuple[set[int], set[int]]:
+        """(key hashes of images whose latest row is ok, hashes of the sha256s those rows carry).
+
+        Hashes, not strings: a million done images cost tens of MB, not hundreds.
+        """
         done: set[int] = set()
-        for batch in iter_rows(self.out, columns=["image_path", "status"]):
-            for path, status in zip(batch["image_path"], batch["status"]):
+        shas: set[int] = set()
+        for batch in iter_rows(self.out, columns=["image_path", "status", "image_sha256"]):
+            for path, status, sha in zip(batch["image_path"], batch["status"], batch["image_sha256"]):
                 if status == "ok":
                     done.add(key_hash(path))
+                    if sha:
+                        shas.add(key_hash(sha))
                 else:
                     done.discard(key_hash(path))
-        return done
+        return done, shas
+
+    def find_ok_by_sha(self, sha256: str) -> dict[str, Any] | None:
+        """The latest ok row (caption, model, ...) of an image with this sha256, or None.
+
+        Scans the parts' sha column and the open journal segment: for the rare duplicate whose
+        original is not in the runner's small cache. Safe to call from a worker thread.
+        """
+        found = None
+        for batch in iter_rows(self.out, columns=["image_sha256", "status", "dedup_of", *_COPIED]):
+            for i, (sha, status, dedup) in enumerate(zip(batch["image_sha256"], batch["status"], batch["dedup_of"])):
+                if sha == sha256 and status == "ok" and not dedup:
+                    found = {name: batch[name][i] for name in _COPIED}
+        if self._file is not None:
+            for row in _read_journal(self._journal_path(self._segment)):
+                if row.get("image_sha256") == sha256 and row["status"] == "ok" and not row.get("dedup_of"):
+                    found = {name: row[name] for name in _COPIED}
+        return found
 
 
 def iter_rows(out: str | Path, columns: list[str]) -> Iterator[dict[str, list]]:
-    """Yield the out folder's rows, parts in order, a record batch at a time, as column lists."""
+    """Yield the out folder's rows, parts in order, a record batch at a time, as column lists.
+
+    A column that a part lacks (written by an older version) comes back as nulls.
+    """
     out = Path(out)
     parts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _PART.match(p.name)))
     for _, part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(columns=columns, batch_size=65_536):
-            yield batch.to_pydict()
+        handle = pq.ParquetFile(part)
+        present = [c for c in columns if c in handle.schema_arrow.names]
+        for batch in handle.iter_batches(columns=present, batch_size=65_536):
+            rows = batch.to_pydict()
+            yield {c: rows[c] if c in rows else [None] * batch.num_rows for c in columns}
 
 
 def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -> None:

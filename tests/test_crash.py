@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +23,9 @@ IMAGES = 40
 def folder(tmp_path) -> Path:
     folder = tmp_path / "in"
     folder.mkdir()
+    data = (ROOT / "sample_data" / "coffee_cup.jpg").read_bytes()
     for i in range(IMAGES):
-        shutil.copyfile(ROOT / "sample_data" / "coffee_cup.jpg", folder / f"{i:03d}.jpg")
+        (folder / f"{i:03d}.jpg").write_bytes(data + f"copy {i}".encode())  # distinct files: no dedupe
     return folder
 
 

@@ -140,7 +140,7 @@ def test_relay_concurrency_cap_is_found_over_loopback(server, tmp_path, capsys):
     folder.mkdir()
     source = Path(__file__).parent.parent / "sample_data" / "coffee_cup.jpg"
     for i in range(40):
-        (folder / f"{i:02d}.jpg").write_bytes(source.read_bytes())
+        (folder / f"{i:02d}.jpg").write_bytes(source.read_bytes() + f"copy {i}".encode())  # distinct: no dedupe
     server.set_latency(0.05)
     server.rate_limit(concurrency=3, headers=False)
     code = main(["run", str(folder), "--job", str(Path(__file__).parent.parent / "jobs" / "demo.toml"),

@@ -74,9 +74,11 @@ def _images(tmp_path: Path, names=("coffee_cup.jpg",), copies: int = 1) -> Path:
     folder = tmp_path / "in"
     folder.mkdir(exist_ok=True)
     for name in names:
+        data = (SAMPLES / name).read_bytes()
         for i in range(copies):
             target = folder / (name if copies == 1 else f"{i:03d}_{name}")
-            shutil.copyfile(SAMPLES / name, target)
+            # Distinct bytes after the end of the image: a different file to dedupe, the same picture.
+            target.write_bytes(data + (b"" if copies == 1 else f"copy {i}".encode()))
     return folder
 
 
@@ -298,3 +300,42 @@ def test_demo_command_runs_with_the_in_process_endpoint(tmp_path, capsys):
     assert code == 1 and f"Parquet in {tmp_path / 'out'}" in stdout
     rows = _rows(tmp_path / "out")
     assert sum(r["status"] == "ok" for r in rows) == len(SAMPLE_IMAGES) - len(BAD_SAMPLES)
+
+
+def _copies(tmp_path: Path, count: int, start: int = 0) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    for i in range(start, start + count):
+        shutil.copyfile(SAMPLES / "coffee_cup.jpg", folder / f"copy_{i}.jpg")
+    return folder
+
+
+def test_identical_files_are_sent_once(server, caption, job_file, tmp_path):
+    code, _, _ = caption(_copies(tmp_path, 3), tmp_path / "out", job_file())
+    assert code == 0 and len(_chat_requests(server)) == 1
+    rows = _rows(tmp_path / "out")
+    (sent,) = [r for r in rows if r["dedup_of"] is None]
+    copies = [r for r in rows if r["dedup_of"] is not None]
+    assert len(copies) == 2 and all(r["dedup_of"] == sent["image_path"] for r in copies)
+    assert all(r["caption"] == sent["caption"] and r["total_tokens"] == 0 and r["status"] == "ok" for r in copies)
+    assert sent["total_tokens"] > 0
+
+
+def test_copies_found_in_a_later_run_reuse_the_earlier_answer(server, caption, job_file, tmp_path):
+    job = job_file()
+    assert caption(_copies(tmp_path, 1), tmp_path / "out", job)[0] == 0
+    _copies(tmp_path, 2, start=1)
+    code, _, _ = caption(tmp_path / "in", tmp_path / "out", job)
+    assert code == 0 and len(_chat_requests(server)) == 1  # nothing new was sent
+    copies = [r for r in _rows(tmp_path / "out") if r["dedup_of"]]
+    assert sorted(r["image_path"] for r in copies) == ["copy_1.jpg", "copy_2.jpg"]
+    assert {r["dedup_of"] for r in copies} == {"copy_0.jpg"}
+
+
+def test_when_the_sent_copy_fails_another_copy_is_sent(server, caption, job_file, tmp_path):
+    server.fail_next("400")
+    code, _, _ = caption(_copies(tmp_path, 3), tmp_path / "out", job_file())
+    rows = _rows(tmp_path / "out")
+    assert code == 1 and [o.status for o in _chat_requests(server)] == [400, 200]
+    assert sorted((r["status"], r["dedup_of"] is not None) for r in rows) == [
+        ("error", False), ("ok", False), ("ok", True)]

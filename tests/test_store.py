@@ -40,6 +40,7 @@ EXPECTED_SCHEMA = pa.schema(
         ("attempts", pa.int16()),
         ("latency_ms", pa.int32()),
         ("request_id", pa.string()),
+        ("dedup_of", pa.string()),
         ("job_fingerprint", pa.string()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
