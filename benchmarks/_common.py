@@ -6,7 +6,6 @@ every image it receives) does not share a GIL with the pipeline being measured.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -53,16 +52,20 @@ def small_image(path: Path, size=(64, 48), colour=(200, 120, 40)) -> Path:
 
 
 def image_tree(root: Path, count: int, per_folder: int = 1000) -> Path:
-    """`count` hard links to a few real small JPEGs, `per_folder` to a folder. Reused if present."""
-    marker = root / f".complete-{count}"
+    """`count` small real JPEGs, `per_folder` to a folder, reused if present.
+
+    Each is one of a few real images plus a unique trailer after its end marker: decoders ignore
+    it, but the bytes differ, so caption's dedupe (same sha256 → sent once) does not kick in.
+    """
+    marker = root / f".unique-{count}"
     if marker.exists():
         return root
-    originals = [small_image(WORK / f"seed-{i}.jpg", colour=(40 * i, 200 - 30 * i, 90)) for i in range(4)]
+    originals = [small_image(WORK / f"seed-{i}.jpg", colour=(40 * i, 200 - 30 * i, 90)).read_bytes()
+                 for i in range(4)]
     for i in range(count):
         target = root / f"d{i // per_folder:04d}" / f"img{i:07d}.jpg"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(originals[i % len(originals)], target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(originals[i % len(originals)] + f"#{i}".encode())
     marker.touch()
     return root
 

@@ -34,7 +34,7 @@ USER_PROMPT = "Describe this image."  # jobs/demo.toml's prompt differs; we pass
 def mixed_tree(count: int) -> Path:
     """Images of four sizes, so that requests cost different numbers of tokens (detail=high)."""
     root = WORK / f"mixed-{count}"
-    if (root / ".complete").exists():
+    if (root / ".unique").exists():
         return root
     sizes = [(300, 200), (700, 500), (1000, 1000), (1400, 700)]
     seeds = []
@@ -43,11 +43,10 @@ def mixed_tree(count: int) -> Path:
         Image.new("RGB", size, (60 * i, 120, 200 - 40 * i)).save(path, quality=80)
         seeds.append(path)
     root.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        target = root / f"img{i:06d}.jpg"
-        if not target.exists():
-            target.hardlink_to(seeds[i % len(seeds)])
-    (root / ".complete").touch()
+    data = [seed.read_bytes() for seed in seeds]
+    for i in range(count):  # a unique trailer per file: distinct bytes, so no dedupe
+        (root / f"img{i:06d}.jpg").write_bytes(data[i % len(data)] + f"#{i}".encode())
+    (root / ".unique").touch()
     return root
 
 

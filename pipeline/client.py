@@ -47,6 +47,8 @@ __all__ = [
     "ChatClient",
     "build_payload",
     "classify_response",
+    "parse_completion",
+    "parse_batch_response",
     "parse_retry_after",
     "parse_duration",
     "parse_usage",
@@ -401,6 +403,26 @@ def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
         parse_usage(data.get("usage")),
         request_id or data.get("id"),
     )
+
+
+def parse_batch_response(response: Any) -> ChatResult:
+    """Turn the `response` of one Batch API output line into a ChatResult, or raise its typed error.
+
+    `response` is `{"status_code", "request_id", "body"}` as in
+    https://platform.openai.com/docs/guides/batch ("the output file"); the body is what the chat
+    endpoint would have answered, so the same failure table applies (`classify_response`), and a
+    200 body is parsed as `parse_completion` parses one.
+    """
+    if not isinstance(response, dict) or not isinstance(response.get("status_code"), int):
+        raise TransientError("batch output line without a response status", status=None)
+    request_id = response.get("request_id") if isinstance(response.get("request_id"), str) else None
+    headers = {"x-request-id": request_id} if request_id else {}
+    body = response.get("body")
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode() if body is not None else b""
+    error = classify_response(response["status_code"], headers, raw)
+    if error is not None:
+        raise error
+    return parse_completion(raw, request_id)
 
 
 @dataclass(slots=True)

@@ -1,37 +1,284 @@
-"""cost.py: token arithmetic. Pure functions, no I/O.
+"""cost.py: token and price arithmetic. Pure functions and values, no I/O.
 
-For now it owns the estimate used when a server reports no usage (marked `usage_source =
-estimated` in the rows): image tokens by OpenAI's tile method, text at about four characters a
-token. The price table, per-family image formulas and `caption estimate`/`report` build on this.
+Owns the image-token formula of each model family (chosen by the longest model-name prefix), the
+text-token rule, the shape of the price table and its look-up, what a token count costs, and the
+histogram that gives per-image percentiles in flat memory. It reads no file and walks no folder:
+the drivers (`estimate.py`, `report.py`) read the price files and hand their text to
+`parse_price_table`. The runner uses `estimate_usage` when a server reports no usage (rows marked
+`usage_source = estimated`).
+
+Every formula cites the provider page it comes from. Providers change these rules; when a
+recorded run disagrees with `caption estimate`, trust the run and fix the formula here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
+from .errors import JobError
 from .records import Usage
 
-__all__ = ["openai_tile_tokens", "text_tokens", "estimate_usage"]
+__all__ = [
+    "ImageFormula",
+    "Price",
+    "PriceTable",
+    "TokenHistogram",
+    "IMAGE_FORMULAS",
+    "FALLBACK_FORMULA",
+    "image_formula",
+    "image_tokens",
+    "openai_tile_tokens",
+    "openai_patch_count",
+    "anthropic_image_tokens",
+    "gemini_image_tokens",
+    "qwen_image_tokens",
+    "text_tokens",
+    "estimate_usage",
+    "parse_price_table",
+    "cost_usd",
+    "format_usd",
+    "PRICE_FILE_EXAMPLE",
+]
 
 CHARS_PER_TOKEN = 4
-"""OpenAI's rule of thumb for English text: https://help.openai.com/en/articles/4936856"""
+"""OpenAI's rule of thumb for English text: https://help.openai.com/en/articles/4936856 (the bundled
+endpoint charges text the same way, so estimates of demo runs are exact)."""
+
+TOKENS_PER_PRICE_UNIT = 1_000_000
+"""Prices are quoted in USD per million tokens by every provider in the table."""
+
+# OpenAI tile method: https://platform.openai.com/docs/guides/images-vision#calculating-costs
+# ("GPT-4o, GPT-4.1, GPT-4o-mini, CUA, and o-series (except o4-mini)").
+TILE_FIT_PX = 2048  # first fit within 2048 x 2048
+TILE_SHORT_PX = 768  # then shrink so the shortest side is at most 768 (never up)
+TILE_PX = 512  # then count 512 px tiles
+
+# OpenAI 32 px patch method, same page ("GPT-4.1-mini, GPT-4.1-nano, o4-mini", later gpt-5-mini/nano).
+PATCH_PX = 32
+PATCH_BUDGET = 1536  # at most this many patches; a larger image is shrunk to fit
+PATCH_FIT_PX = 2048  # and its long side first fits in 2048 px (this is what makes 4000 x 1474 -> 1536)
+_FLOAT_SLACK = 1e-9  # ceil() of a value that is an integer in exact arithmetic must not round up
+
+# Anthropic: https://docs.anthropic.com/en/docs/build-with-claude/vision#evaluate-image-size
+ANTHROPIC_PATCH_PX = 28  # one token per 28 x 28 px patch
+ANTHROPIC_MAX_SIDE_PX = 1568  # the long edge is shrunk to this first
+ANTHROPIC_BUDGET = 1568  # and then until the image needs at most this many tokens
+
+# Gemini: https://ai.google.dev/gemini-api/docs/tokens ("Multimodal tokens", Gemini 2.0 and later).
+GEMINI_SMALL_PX = 384  # both sides at most this: one flat charge
+GEMINI_TILE_PX = 768  # otherwise 768 x 768 tiles
+GEMINI_TOKENS_PER_TILE = 258
+
+# Qwen-VL on Alibaba Cloud Model Studio: https://www.alibabacloud.com/help/en/model-studio/vision
+# ("image token calculation": each 28 x 28 px block is a token, 4 to 1,280 tokens per image by
+# default, plus 2 tokens marking the image's start and end). Taken from that page as we know it;
+# not re-read for this table, so check it when a Qwen run disagrees.
+QWEN_PATCH_PX = 28
+QWEN_MIN_TOKENS = 4
+QWEN_MAX_TOKENS = 1280  # 16,384 with vl_high_resolution_images, which caption does not send
+QWEN_MARKER_TOKENS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFormula:
+    """How one model family turns the size of a sent image into prompt tokens."""
+
+    method: Literal["tile", "patch", "anthropic", "gemini", "qwen"]
+    family: str  # a short name for messages, e.g. "OpenAI tile 85/170"
+    base: int = 0  # tile: the cost of detail=low, and the fixed part of high
+    per_tile: int = 0  # tile: tokens per 512 px tile
+    multiplier: float = 1.0  # patch: tokens per 32 px patch
+    known: bool = True  # False for the fallback used for a model we have no rule for
+
+
+def _tile(base: int, per_tile: int) -> ImageFormula:
+    return ImageFormula("tile", f"OpenAI tile {base}/{per_tile}", base=base, per_tile=per_tile)
+
+
+def _patch(multiplier: float) -> ImageFormula:
+    return ImageFormula("patch", f"OpenAI 32 px patches x {multiplier}", multiplier=multiplier)
+
+
+_ANTHROPIC = ImageFormula("anthropic", "Anthropic 28 px patches")
+_GEMINI = ImageFormula("gemini", "Gemini 768 px tiles")
+_QWEN = ImageFormula("qwen", "Qwen-VL 28 px patches")
+
+IMAGE_FORMULAS: dict[str, ImageFormula] = {
+    # Tile constants per model: images-vision guide, "Calculating costs" (link above).
+    "gpt-4o": _tile(85, 170),
+    "gpt-4o-mini": _tile(2833, 5667),
+    "gpt-4.1": _tile(85, 170),
+    "gpt-4.5": _tile(85, 170),
+    "gpt-5": _tile(70, 140),
+    "o1": _tile(75, 150),
+    "o3": _tile(75, 150),
+    # Patch multipliers, same guide.
+    "gpt-4.1-mini": _patch(1.62),
+    "gpt-4.1-nano": _patch(2.46),
+    "gpt-5-mini": _patch(1.62),
+    "gpt-5-nano": _patch(2.46),
+    "o4-mini": _patch(1.72),
+    "claude": _ANTHROPIC,
+    "gemini": _GEMINI,
+    "qwen-vl": _QWEN,
+    "qwen2-vl": _QWEN,
+    "qwen2.5-vl": _QWEN,
+    "qwen3-vl": _QWEN,
+    "qvq": _QWEN,
+    # The bundled endpoint reports usage by the OpenAI tile method (localserver._image_tokens).
+    "local-caption": _tile(85, 170),
+}
+"""Model-name prefix → image formula; the longest matching prefix wins (gpt-4.1-mini before gpt-4.1)."""
+
+FALLBACK_FORMULA = ImageFormula("tile", "OpenAI tile 85/170 (assumed: no rule for this model)", base=85,
+                                per_tile=170, known=False)
+"""Used for a model no prefix matches: the most common rule among OpenAI-compatible servers."""
+
+
+def _model_key(model: str) -> str:
+    """The bare model name: lower case, without a routing prefix ("openai/gpt-4o", "models/gemini-...")."""
+    return model.strip().lower().rsplit("/", 1)[-1]
+
+
+def _longest_prefix(name: str, prefixes: Iterable[str], *, boundary: bool) -> str | None:
+    """The longest of `prefixes` that `name` starts with (at a "-", "@" or ":" if `boundary`)."""
+    best = None
+    for prefix in prefixes:
+        if not name.startswith(prefix) or (best is not None and len(prefix) <= len(best)):
+            continue
+        rest = name[len(prefix):]
+        if boundary and rest and rest[0] not in "-@:":
+            continue
+        best = prefix
+    return best
+
+
+@functools.lru_cache(maxsize=256)
+def image_formula(model: str) -> ImageFormula:
+    """Return the image formula for `model` by longest name prefix; FALLBACK_FORMULA if none matches."""
+    prefix = _longest_prefix(_model_key(model), IMAGE_FORMULAS, boundary=False)
+    return IMAGE_FORMULAS[prefix] if prefix else FALLBACK_FORMULA
+
+
+@functools.lru_cache(maxsize=65_536)
+def image_tokens(formula: ImageFormula, width: int, height: int, detail: str) -> int:
+    """Return the prompt tokens one image of `width` × `height` pixels (as sent) costs.
+
+    `detail` matters only to the OpenAI tile method ("auto" is counted as "high", an upper bound:
+    the guide lets the model choose). The patch, Anthropic, Gemini and Qwen rules have no detail
+    setting in their guides, so it is ignored for them. Cached: photo folders hold few sizes.
+    """
+    if formula.method == "tile":
+        return openai_tile_tokens(width, height, detail, base=formula.base, per_tile=formula.per_tile)
+    if formula.method == "patch":
+        return math.floor(openai_patch_count(width, height) * formula.multiplier + 0.5)
+    if formula.method == "anthropic":
+        return anthropic_image_tokens(width, height)
+    if formula.method == "gemini":
+        return gemini_image_tokens(width, height)
+    return qwen_image_tokens(width, height)
 
 
 def openai_tile_tokens(width: int, height: int, detail: str, *, base: int = 85, per_tile: int = 170) -> int:
     """Image tokens by OpenAI's tile method (gpt-4o, gpt-4.1 constants by default).
 
     `low` costs `base`. `high`/`auto`: fit within 2048×2048, then scale so the shortest side is at
-    most 768 (never up), count 512 px tiles: base + per_tile × tiles.
+    most 768 (never up), count 512 px tiles: base + per_tile × tiles. Exact rational arithmetic, so
+    a side that lands exactly on a tile edge (1500×2000 → 768×1024) is not pushed into a third tile.
     Source: https://platform.openai.com/docs/guides/images-vision#calculating-costs
     """
     if detail == "low":
         return base
-    scale = min(1.0, 2048 / max(width, height))
-    width, height = width * scale, height * scale
-    scale = min(1.0, 768 / min(width, height))
-    width, height = width * scale, height * scale
-    tiles = math.ceil(width / 512) * math.ceil(height / 512)
+    # The sides are a/d and b/d; every scaling keeps them as a ratio of integers.
+    a, b, d = width, height, 1
+    if max(a, b) > TILE_FIT_PX * d:
+        a, b, d = a * TILE_FIT_PX, b * TILE_FIT_PX, max(a, b)
+    if min(a, b) > TILE_SHORT_PX * d:
+        a, b, d = a * TILE_SHORT_PX, b * TILE_SHORT_PX, min(a, b)
+    tiles = -(-a // (TILE_PX * d)) * -(-b // (TILE_PX * d))
     return base + per_tile * tiles
+
+
+def openai_patch_count(width: int, height: int) -> int:
+    """Return the 32 px patches OpenAI counts for an image (before the model's multiplier).
+
+    The long side first fits in 2048 px; if covering the image takes more than 1,536 patches it is
+    shrunk by the guide's factor sqrt(32² × 1536 / (w × h)), then by as much again as makes the
+    tighter side a whole number of patches; the count is capped at 1,536.
+    Source: https://platform.openai.com/docs/guides/images-vision#calculating-costs
+    (worked examples: 1024×1024 → 1024 patches, 1800×2400 → 1452).
+    """
+    w, h = float(width), float(height)
+    fit = min(1.0, PATCH_FIT_PX / max(w, h))
+    w, h = w * fit, h * fit
+    raw = _ceil(w / PATCH_PX) * _ceil(h / PATCH_PX)
+    if raw <= PATCH_BUDGET:
+        return raw
+    shrink = math.sqrt(PATCH_PX * PATCH_PX * PATCH_BUDGET / (w * h))
+    across, down = w * shrink / PATCH_PX, h * shrink / PATCH_PX
+    shrink *= min(math.floor(across) / across, math.floor(down) / down)
+    return min(PATCH_BUDGET, _ceil(w * shrink / PATCH_PX) * _ceil(h * shrink / PATCH_PX))
+
+
+def _ceil(value: float) -> int:
+    """math.ceil that ignores float noise above a whole number (33.000000000000007 → 33)."""
+    return math.ceil(value - _FLOAT_SLACK)
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Return Claude's image tokens: ⌈w/28⌉ · ⌈h/28⌉ after the long edge fits 1568 px and the
+    count fits the 1,568-token budget (the image is shrunk a patch column at a time until it does).
+
+    Source: https://docs.anthropic.com/en/docs/build-with-claude/vision#evaluate-image-size
+    (1000×1000 → 1,296 tokens; 200×200 → 64). Integer arithmetic throughout.
+    """
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side <= ANTHROPIC_MAX_SIDE_PX:
+        cols, rows = -(-long_side // ANTHROPIC_PATCH_PX), -(-short_side // ANTHROPIC_PATCH_PX)
+    else:
+        cols = ANTHROPIC_MAX_SIDE_PX // ANTHROPIC_PATCH_PX
+        rows = -(-short_side * cols // long_side)
+    while cols * rows > ANTHROPIC_BUDGET:
+        cols -= 1  # the long side becomes cols × 28 px, the short side keeps the aspect ratio
+        rows = -(-short_side * cols // long_side)
+    return cols * rows
+
+
+def gemini_image_tokens(width: int, height: int) -> int:
+    """Return Gemini's image tokens: 258 if both sides are at most 384 px, else 258 per 768 px tile.
+
+    Source: https://ai.google.dev/gemini-api/docs/tokens (images, Gemini 2.0 and later; the
+    default media_resolution).
+    """
+    if width <= GEMINI_SMALL_PX and height <= GEMINI_SMALL_PX:
+        return GEMINI_TOKENS_PER_TILE
+    tiles = -(-width // GEMINI_TILE_PX) * -(-height // GEMINI_TILE_PX)
+    return GEMINI_TOKENS_PER_TILE * tiles
+
+
+def qwen_image_tokens(width: int, height: int) -> int:
+    """Return Qwen-VL's image tokens: sides rounded to 28 px, area kept within 4-1,280 patches, + 2.
+
+    The rounding follows Qwen's own `smart_resize` (round to the nearest multiple of 28, then
+    shrink or grow by the area ratio if outside the bounds). Source: see QWEN_PATCH_PX above.
+    """
+    factor = QWEN_PATCH_PX
+    max_pixels, min_pixels = QWEN_MAX_TOKENS * factor * factor, QWEN_MIN_TOKENS * factor * factor
+    w_bar, h_bar = max(factor, round(width / factor) * factor), max(factor, round(height / factor) * factor)
+    if w_bar * h_bar > max_pixels:
+        beta = math.sqrt(width * height / max_pixels)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+    elif w_bar * h_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (width * height))
+        w_bar, h_bar = math.ceil(width * beta / factor) * factor, math.ceil(height * beta / factor) * factor
+    return (w_bar // factor) * (h_bar // factor) + QWEN_MARKER_TOKENS
 
 
 def text_tokens(text: str) -> int:
@@ -39,9 +286,198 @@ def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def estimate_usage(sent_width: int, sent_height: int, detail: str, prompt_text: str, answer: str) -> Usage:
-    """An estimated `Usage` for a request whose server reported none."""
-    prompt = openai_tile_tokens(sent_width, sent_height, detail) + text_tokens(prompt_text)
+def estimate_usage(sent_width: int, sent_height: int, detail: str, prompt_text: str, answer: str, *,
+                   model: str | None = None) -> Usage:
+    """An estimated `Usage` for a request whose server reported none.
+
+    Image tokens by `model`'s family formula, or the OpenAI tile method (85/170) when no model is
+    given; text at CHARS_PER_TOKEN characters a token.
+    """
+    formula = image_formula(model) if model else IMAGE_FORMULAS["gpt-4o"]
+    prompt = image_tokens(formula, sent_width, sent_height, detail) + text_tokens(prompt_text)
     completion = text_tokens(answer)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  source="estimated")
+
+
+# --- prices -----------------------------------------------------------------------------------
+
+PRICE_FILE_EXAMPLE = """[models."my-model"]
+input = 0.40          # USD per 1M prompt tokens
+cached_input = 0.10   # optional; default: input
+output = 1.60         # USD per 1M completion tokens (reasoning tokens included)
+batch_input = 0.20    # optional; without them batch cost is unknown
+batch_output = 0.80
+source = "https://example.com/pricing"
+as_of = "2026-01-31\""""
+"""A price file row, shown to users whose model has no price."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """List prices of one model, in USD per million tokens."""
+
+    model: str  # the table key: a model name or prefix (longest prefix wins)
+    input: float  # uncached prompt tokens
+    output: float  # completion tokens, reasoning tokens included
+    source: str  # where the numbers were read
+    as_of: str  # when they were read, YYYY-MM-DD
+    cached_input: float | None = None  # prompt tokens served from the provider's cache; None: as input
+    batch_input: float | None = None  # Batch API prompt tokens; None: no batch price known
+    batch_output: float | None = None  # Batch API completion tokens
+    note: str = ""  # how the row was checked, caveats
+
+    def rates(self, mode: str) -> tuple[float, float, float] | None:
+        """(input, cached input, output) per 1M tokens for `mode`; None if the mode has no price.
+
+        At batch prices cached tokens cost the batch input price: no cache discount is assumed on
+        top of the batch discount.
+        """
+        if mode == "batch":
+            if self.batch_input is None or self.batch_output is None:
+                return None
+            return self.batch_input, self.batch_input, self.batch_output
+        cached = self.input if self.cached_input is None else self.cached_input
+        return self.input, cached, self.output
+
+
+_PRICE_FIELDS = {f.name for f in fields(Price)} - {"model"}
+_REQUIRED_PRICE_FIELDS = ("input", "output", "source", "as_of")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class PriceTable:
+    """Prices by model-name prefix; `find` picks the longest prefix that ends at a name boundary."""
+
+    def __init__(self, rows: Mapping[str, Price] | None = None):
+        self._rows: dict[str, Price] = dict(rows or {})
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows.values())
+
+    def find(self, model: str) -> Price | None:
+        """Return the price for `model` (e.g. "gpt-4o-2024-08-06" → the "gpt-4o" row), None if unknown.
+
+        A prefix matches only up to "-", "@" or ":" (dated snapshots, Vertex "@" versions), so
+        "gpt-5.1" does not silently take gpt-5's price.
+        """
+        prefix = _longest_prefix(_model_key(model), self._rows, boundary=True)
+        return self._rows[prefix] if prefix else None
+
+    def updated(self, other: PriceTable) -> PriceTable:
+        """A new table: this one with `other`'s rows added or replacing whole rows of the same key."""
+        return PriceTable({**self._rows, **other._rows})
+
+
+def parse_price_table(text: str, origin: str) -> PriceTable:
+    """Parse a TOML price file (`[models."name"]` tables, see PRICE_FILE_EXAMPLE) into a PriceTable.
+
+    Raises JobError naming `origin`, the model and the field for anything malformed.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise JobError(f"{origin}: not valid TOML: {err}") from None
+    models = raw.get("models")
+    if not isinstance(models, dict) or set(raw) - {"models"}:
+        raise JobError(f'{origin}: a price file holds only [models."NAME"] tables, e.g.\n{PRICE_FILE_EXAMPLE}')
+    return PriceTable({_model_key(name): _parse_price(name, row, origin) for name, row in models.items()})
+
+
+def _parse_price(name: str, row: Any, origin: str) -> Price:
+    where = f'{origin}: [models."{name}"]'
+    if not isinstance(row, dict):
+        raise JobError(f"{where} must be a table")
+    unknown = set(row) - _PRICE_FIELDS
+    if unknown:
+        raise JobError(f"{where} unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_PRICE_FIELDS))})")
+    for key in _REQUIRED_PRICE_FIELDS:
+        if key not in row:
+            raise JobError(f"{where} needs '{key}'")
+    for key, value in row.items():
+        if key in ("source", "as_of", "note"):
+            if not isinstance(value, str):
+                raise JobError(f"{where} {key} must be a string")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise JobError(f"{where} {key} must be a price in USD per 1M tokens (a number >= 0), not {value!r}")
+    if not _DATE.match(row["as_of"]):
+        raise JobError(f"{where} as_of must be a date like 2026-01-31, not {row['as_of']!r}")
+    numbers = {k: float(v) for k, v in row.items() if k not in ("source", "as_of", "note")}
+    return Price(model=_model_key(name), source=row["source"], as_of=row["as_of"], note=row.get("note", ""),
+                 **numbers)
+
+
+def cost_usd(price: Price, mode: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+             ) -> float | None:
+    """Return what the tokens cost at `price` in `mode` ("online" or "batch"), None if no such price.
+
+    Cached prompt tokens (a subset of `prompt_tokens`) cost the cached input price online;
+    completion tokens, reasoning tokens included, cost the output price.
+    """
+    rates = price.rates(mode)
+    if rates is None:
+        return None
+    input_rate, cached_rate, output_rate = rates
+    cached = min(max(cached_tokens, 0), prompt_tokens)
+    dollars = ((prompt_tokens - cached) * input_rate + cached * cached_rate + completion_tokens * output_rate)
+    return dollars / TOKENS_PER_PRICE_UNIT
+
+
+def format_usd(value: float | None) -> str:
+    """Return dollars for people: "$12.35", "$0.0123", or "unknown" for None."""
+    if value is None:
+        return "unknown"
+    return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
+
+
+# --- percentiles in flat memory -------------------------------------------------------------------
+
+
+class TokenHistogram:
+    """Counts of whole-number values (tokens per image): exact percentiles without a list of values.
+
+    Memory grows with the number of *distinct* values, which a model's formula keeps small (a few
+    thousand at most), not with the number of images.
+    """
+
+    __slots__ = ("_counts", "count", "total", "max")
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self.count = 0  # values added
+        self.total = 0  # their sum
+        self.max = 0
+
+    def add(self, value: int, times: int = 1) -> None:
+        """Record `value` (`times` times)."""
+        self._counts[value] = self._counts.get(value, 0) + times
+        self.count += times
+        self.total += value * times
+        if value > self.max:
+            self.max = value
+
+    def percentile(self, q: float) -> int:
+        """Return the nearest-rank `q`-th percentile (0 < q <= 100): the smallest value with at
+        least q % of the values at or below it; 0 when empty."""
+        if not self.count:
+            return 0
+        rank = max(1, math.ceil(q / 100 * self.count))
+        seen = 0
+        for value in sorted(self._counts):
+            seen += self._counts[value]
+            if seen >= rank:
+                return value
+        return self.max
+
+    @property
+    def mean(self) -> float:
+        """The average value, 0.0 when empty."""
+        return self.total / self.count if self.count else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """{"p50", "p90", "max", "mean"} for reports."""
+        return {"p50": self.percentile(50), "p90": self.percentile(90), "max": self.max,
+                "mean": round(self.mean, 1)}

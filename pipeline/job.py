@@ -29,6 +29,8 @@ __all__ = [
     "ImageSettings",
     "Limits",
     "Output",
+    "Cost",
+    "Batch",
     "Job",
     "OVERRIDABLE",
     "load_job",
@@ -52,6 +54,7 @@ class Endpoint:
     api_key_env: str | None = None  # name of the environment variable holding the key
     stream: bool = True  # SSE streaming with stream_options.include_usage
     headers: dict[str, str] = field(default_factory=dict)  # values may say ${ENV_VAR}
+    mode: Literal["online", "batch"] = "online"  # batch: the Batch API (half price, results within a day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,26 @@ class Output:
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What `caption estimate` and `caption report` price with (runs are not changed by it)."""
+
+    prices: str | None = None  # a TOML price file whose rows replace the bundled ones (pipeline/prices.toml)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """How batch mode (`endpoint.mode = "batch"`) cuts, submits and watches its chunks.
+
+    Provider limits: https://platform.openai.com/docs/guides/batch (50,000 requests, 200 MB a file).
+    """
+
+    max_requests: int = 50_000  # request lines per chunk file at most
+    max_file_mb: float = 200.0  # chunk file size at most, MB (base64 images make this bind first)
+    poll_s: float = 60.0  # how often a live batch is asked for its status
+    completion_window: str = "24h"  # sent with every batch; OpenAI accepts only "24h"
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A whole job, validated. `extra` is merged into every request payload."""
 
@@ -108,6 +131,8 @@ class Job:
     image: ImageSettings = field(default_factory=ImageSettings)
     limits: Limits = field(default_factory=Limits)
     output: Output = field(default_factory=Output)
+    cost: Cost = field(default_factory=Cost)
+    batch: Batch = field(default_factory=Batch)
     extra: dict[str, Any] = field(default_factory=dict)  # [request.extra]
     source: str = "<defaults>"  # the file it came from, for messages
 
@@ -115,8 +140,8 @@ class Job:
     def fingerprint(self) -> str:
         """Hash of what decides the answers: model, prompt, image settings, extra parameters.
 
-        Not the endpoint URL, key, headers, limits or output settings: changing those does not
-        change what a caption means, so a run may resume under them.
+        Not the endpoint URL, key, headers, mode, limits, output or batch settings: changing those
+        does not change what a caption means, so a run may resume under them (online after batch too).
         """
         decisive = {
             "model": self.endpoint.model,
@@ -134,15 +159,18 @@ _SECTIONS: dict[str, type] = {
     "image": ImageSettings,
     "limits": Limits,
     "output": Output,
+    "cost": Cost,
+    "batch": Batch,
 }
 
 OVERRIDABLE: dict[str, str] = {
-    f.name: f"{section}.{f.name}"
+    (f"batch_{f.name}" if section == "batch" else f.name): f"{section}.{f.name}"
     for section, cls in _SECTIONS.items()
     for f in dataclasses.fields(cls)
     if f.name != "headers"
 }
-"""Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side."""
+"""Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
+the [batch] fields take a `batch_` prefix (`--batch-poll-s 5` sets batch.poll_s)."""
 
 
 def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Job:
@@ -257,6 +285,9 @@ _RANGES: list[tuple[str, float, float]] = [
     ("limits.preprocess_workers", 0, 256),
     ("output.part_rows", 1, 10_000_000),
     ("output.part_seconds", 0.001, 86_400),
+    ("batch.max_requests", 1, 1_000_000),
+    ("batch.max_file_mb", 0.001, 10_000),
+    ("batch.poll_s", 0.001, 86_400),
 ]
 
 

@@ -9,6 +9,12 @@ counting rules, so cost and TPM code can be tested against it. For tests and ben
 latency, enforce RPM/TPM/concurrency limits with OpenAI's headers and 429 bodies, and inject faults
 (`LocalServer.fail_next`); every chat request is recorded as an `Observed` value.
 
+It also serves the Files and Batches APIs (`/v1/files`, `/v1/batches`): a batch's lines go through
+the same request checks and captioning as chat, after a configurable delay
+(`LocalServer.set_batch_delay`), with injectable batch ends (`fail_next_batch`: failed, expired,
+cancelled) and line faults (`fail_batch_lines`), output in shuffled order by default; every created
+batch is recorded (`LocalServer.batches()`).
+
 It must not share protocol code with the client side: it imports nothing from `pipeline` (no payload
 builder, no SSE reader or writer in common), only aiohttp.web, Pillow and the standard library. A bug
 shared by both sides would pass every test and still fail against real servers.
@@ -58,7 +64,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image, ImageStat
 
-__all__ = ["LocalServer", "Observed", "serve_forever", "FAULTS"]
+__all__ = ["LocalServer", "Observed", "BatchSeen", "serve_forever", "FAULTS", "BATCH_OUTCOMES", "BATCH_LINE_FAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -760,6 +766,133 @@ def _retry_after_headers(wait_s: float) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Files and Batches: the objects and the pure parts of running one batch.
+#
+# Protocol sources:
+# - Batch API guide (request line `{"custom_id", "method", "url", "body"}`, output and error files
+#   whose lines are `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`,
+#   output order not guaranteed, unfinished requests of an expired batch in the error file with
+#   code `batch_expired`): https://platform.openai.com/docs/guides/batch
+# - Batch object (status validating|failed|in_progress|finalizing|completed|expired|cancelling|
+#   cancelled, request_counts {total, completed, failed}, metadata), create, retrieve, cancel, and
+#   list (`limit`, `after`, newest first, `has_more`/`first_id`/`last_id`):
+#   https://platform.openai.com/docs/api-reference/batch
+# - File object, upload (multipart `purpose` + `file`), retrieve, content:
+#   https://platform.openai.com/docs/api-reference/files
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSeen:
+    """One batch as the server saw it created: for tests to assert "exactly one batch per chunk"."""
+
+    id: str
+    metadata: dict[str, str]
+    lines: int  # request lines in its input file
+    status: str  # its status when `batches()` was called
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    created_at: int
+    data: bytes
+
+    def as_object(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed"}
+
+
+@dataclass(slots=True)
+class _BatchJob:
+    """A batch and its progress; mutated on the server loop only."""
+
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str]
+    created_at: int
+    lines: int
+    outcome: str | None  # an injected end: "failed" | "expired" | "cancelled", or None
+    run_lines: int | None  # with "expired"/"cancelled": how many lines run before it
+    status: str = "validating"
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    stamps: dict[str, int] = field(default_factory=dict)  # in_progress_at, completed_at, ...
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.stamps[f"{status}_at"] = int(time.time())
+
+    def as_object(self) -> dict[str, Any]:
+        stamps = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+        body: dict[str, Any] = {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "created_at": self.created_at, "expires_at": self.created_at + 86_400,
+            "request_counts": {"total": self.lines, "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata or None,
+        }
+        body.update({f"{name}_at": self.stamps.get(f"{name}_at") for name in stamps})
+        return body
+
+
+BATCH_OUTCOMES = ("failed", "expired", "cancelled")
+"""Batch ends `LocalServer.fail_next_batch` can inject."""
+BATCH_LINE_FAULTS = ("400", "413", "500", "503", "batch_expired")
+"""Per-line faults `LocalServer.fail_batch_lines` can inject."""
+_BATCH_ENDPOINTS = ("/v1/chat/completions",)
+_TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _batch_input_lines(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split and check an input file: return (request lines, errors as the batch object lists them)."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        line = _parse_json(raw)
+        problem = None
+        if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+            problem = ("invalid_json_line", "each line must be a JSON object with a string custom_id")
+        elif line["custom_id"] in seen:
+            problem = ("duplicate_custom_id", f"custom_id {line['custom_id']!r} is used twice in the file")
+        elif line.get("method") != "POST" or line.get("url") != endpoint:
+            problem = ("invalid_url", f"each line must POST to {endpoint}, the batch's endpoint")
+        elif not isinstance(line.get("body"), dict):
+            problem = ("invalid_body", "each line's body must be a JSON object")
+        if problem is not None:
+            errors.append({"code": problem[0], "message": problem[1], "param": None, "line": number})
+            continue
+        seen.add(line["custom_id"])
+        lines.append(line)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "the input file holds no requests", "param": None,
+                       "line": None})
+    return lines, errors
+
+
+def _batch_line(custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None) -> bytes:
+    line = {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _expired_line(custom_id: str) -> bytes:
+    message = "This request could not be executed before the completion window expired."
+    return _batch_line(custom_id, None, {"code": "batch_expired", "message": message})
+
+
+# ---------------------------------------------------------------------------------------------
 # The server.
 
 
@@ -795,6 +928,13 @@ class LocalServer:
         self._faults: deque[tuple[str, float | None]] = deque()
         self._limits: _Limits | None = None
         self._observed: deque[Observed] = deque(maxlen=MAX_OBSERVED)
+        self._files: dict[str, _StoredFile] = {}
+        self._batches: dict[str, _BatchJob] = {}  # in creation order
+        self._batch_delay_s = 0.0
+        self._batch_outcomes: deque[tuple[str, int | None]] = deque()
+        self._line_faults: deque[str] = deque()
+        self._shuffle_output = True
+        self._batch_tasks: set[asyncio.Task[Any]] = set()
         # loop-thread state: touched only by the server thread once it runs
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -883,7 +1023,7 @@ class LocalServer:
             ready.set()
             await self._stop_event.wait()
         finally:
-            for task in list(self._handlers):  # "hang" and latency sleeps end now, not in an hour
+            for task in [*self._handlers, *self._batch_tasks]:  # "hang" and latency sleeps end now
                 task.cancel()
             await runner.cleanup()
 
@@ -892,6 +1032,13 @@ class LocalServer:
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/health", self._handle_health)
+        app.router.add_post("/v1/files", self._handle_file_upload)
+        app.router.add_get("/v1/files/{file_id}", self._handle_file_get)
+        app.router.add_get("/v1/files/{file_id}/content", self._handle_file_content)
+        app.router.add_post("/v1/batches", self._handle_batch_create)
+        app.router.add_get("/v1/batches", self._handle_batch_list)
+        app.router.add_get("/v1/batches/{batch_id}", self._handle_batch_get)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self._handle_batch_cancel)
         return app
 
     # -- behaviour controls (any thread) ---------------------------------------------------------
@@ -962,6 +1109,12 @@ class LocalServer:
             self._latency = (latency_s, latency_sigma)
             self._rng = random.Random(seed)
             self._observed.clear()
+            self._files.clear()
+            self._batches.clear()
+            self._batch_delay_s = 0.0
+            self._batch_outcomes.clear()
+            self._line_faults.clear()
+            self._shuffle_output = True
 
     def observed(self) -> list[Observed]:
         """Return a copy of the observations of every chat request, in arrival order.
@@ -1064,6 +1217,260 @@ class LocalServer:
             await response.write(event)
         await response.write_eof()
         return response
+
+    # -- Files and Batches: controls (any thread) -----------------------------------------------
+
+    def set_batch_delay(self, seconds: float) -> None:
+        """Let every new batch stay `in_progress` for `seconds` before its lines run."""
+        if seconds < 0:
+            raise ValueError(f"batch delay must be >= 0, not {seconds}")
+        with self._lock:
+            self._batch_delay_s = seconds
+
+    def fail_next_batch(self, outcome: str, *, run_lines: int | None = None) -> None:
+        """Make the next created batch end as `outcome` ("failed", "expired" or "cancelled").
+
+        "failed" runs nothing (as a batch that fails validation). "expired" runs `run_lines` lines
+        (default half), then lists the rest in the error file with code `batch_expired`.
+        "cancelled" runs `run_lines` lines (default half); the rest appear in neither file.
+        """
+        if outcome not in BATCH_OUTCOMES:
+            raise ValueError(f"unknown batch outcome {outcome!r}; known: {', '.join(BATCH_OUTCOMES)}")
+        with self._lock:
+            self._batch_outcomes.append((outcome, run_lines))
+
+    def fail_batch_lines(self, fault: str, times: int = 1) -> None:
+        """Answer the next `times` batch request lines that run with `fault` (see BATCH_LINE_FAULTS):
+        that HTTP status in the line's response, or "batch_expired" in its error."""
+        if fault not in BATCH_LINE_FAULTS:
+            raise ValueError(f"unknown batch line fault {fault!r}; known: {', '.join(BATCH_LINE_FAULTS)}")
+        with self._lock:
+            self._line_faults.extend([fault] * times)
+
+    def shuffle_batch_output(self, shuffle: bool) -> None:
+        """Write output and error files in random order (the default, as OpenAI does not promise
+        an order) or in input order."""
+        with self._lock:
+            self._shuffle_output = shuffle
+
+    def batches(self) -> list[BatchSeen]:
+        """Every batch created since the last reset, oldest first, with its metadata and line count."""
+        with self._lock:
+            return [BatchSeen(b.id, dict(b.metadata), b.lines, b.status) for b in self._batches.values()]
+
+    # -- Files and Batches: handlers (server thread) --------------------------------------------
+
+    async def _handle_file_upload(self, request: web.Request) -> web.Response:
+        headers = {"x-request-id": _new_id("req_")}
+        if not self._authorized(request):
+            return _json_response(401, _auth_error(request), headers)
+        purpose, filename, data = None, "upload.jsonl", None
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if part.name == "purpose":
+                    purpose = (await part.text()).strip()
+                elif part.name == "file":
+                    filename = part.filename or filename
+                    data = bytes(await part.read())
+        except (ValueError, AssertionError, KeyError):
+            data = None
+        if data is None or purpose is None:
+            error = _error_body("Expected a multipart body with 'file' and 'purpose'.", "invalid_request_error",
+                                param="file")
+            return _json_response(400, error, headers)
+        if purpose != "batch":
+            error = _error_body(f"This server accepts purpose 'batch' only, not {purpose!r}.",
+                                "invalid_request_error", param="purpose")
+            return _json_response(400, error, headers)
+        stored = self._store_file(filename, "batch", data)
+        return _json_response(200, stored.as_object(), headers)
+
+    async def _handle_file_get(self, request: web.Request) -> web.Response:
+        stored, failure = self._file_or_error(request)
+        return failure or _json_response(200, stored.as_object(), {"x-request-id": _new_id("req_")})
+
+    async def _handle_file_content(self, request: web.Request) -> web.Response:
+        stored, failure = self._file_or_error(request)
+        if failure is not None:
+            return failure
+        return web.Response(status=200, body=stored.data, content_type="application/octet-stream",
+                            headers={"x-request-id": _new_id("req_")})
+
+    async def _handle_batch_create(self, request: web.Request) -> web.Response:
+        headers = {"x-request-id": _new_id("req_")}
+        if not self._authorized(request):
+            return _json_response(401, _auth_error(request), headers)
+        body = _parse_json(await request.read())
+        try:
+            job = self._new_batch(body)
+        except _RequestError as err:
+            return _json_response(err.status, err.body(), headers)
+        task = asyncio.get_running_loop().create_task(self._run_batch(job))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+        return _json_response(200, job.as_object(), headers)
+
+    async def _handle_batch_get(self, request: web.Request) -> web.Response:
+        job, failure = self._batch_or_error(request)
+        return failure or _json_response(200, job.as_object(), {"x-request-id": _new_id("req_")})
+
+    async def _handle_batch_list(self, request: web.Request) -> web.Response:
+        headers = {"x-request-id": _new_id("req_")}
+        if not self._authorized(request):
+            return _json_response(401, _auth_error(request), headers)
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return _json_response(400, _error_body("limit must be from 1 to 100", "invalid_request_error",
+                                                   param="limit"), headers)
+        with self._lock:
+            newest_first = list(reversed(self._batches.values()))
+        after = request.query.get("after")
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            newest_first = newest_first[ids.index(after) + 1:] if after in ids else []
+        page = newest_first[:limit]
+        body = {"object": "list", "data": [b.as_object() for b in page], "has_more": len(newest_first) > limit,
+                "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+        return _json_response(200, body, headers)
+
+    async def _handle_batch_cancel(self, request: web.Request) -> web.Response:
+        job, failure = self._batch_or_error(request)
+        if failure is not None:
+            return failure
+        if job.status in ("validating", "in_progress", "finalizing"):
+            job.set_status("cancelling")
+            job.cancel.set()
+        return _json_response(200, job.as_object(), {"x-request-id": _new_id("req_")})
+
+    # -- Files and Batches: helpers --------------------------------------------------------------
+
+    def _store_file(self, filename: str, purpose: str, data: bytes) -> _StoredFile:
+        stored = _StoredFile(_new_id("file-"), filename, purpose, int(time.time()), data)
+        with self._lock:
+            self._files[stored.id] = stored
+        return stored
+
+    def _file_or_error(self, request: web.Request) -> tuple[_StoredFile | None, web.Response | None]:
+        headers = {"x-request-id": _new_id("req_")}
+        if not self._authorized(request):
+            return None, _json_response(401, _auth_error(request), headers)
+        file_id = request.match_info["file_id"]
+        with self._lock:
+            stored = self._files.get(file_id)
+        if stored is None:
+            error = _error_body(f"No such File object: {file_id}", "invalid_request_error", param="id")
+            return None, _json_response(404, error, headers)
+        return stored, None
+
+    def _batch_or_error(self, request: web.Request) -> tuple[_BatchJob | None, web.Response | None]:
+        headers = {"x-request-id": _new_id("req_")}
+        if not self._authorized(request):
+            return None, _json_response(401, _auth_error(request), headers)
+        batch_id = request.match_info["batch_id"]
+        with self._lock:
+            job = self._batches.get(batch_id)
+        if job is None:
+            error = _error_body(f"No batch found with id '{batch_id}'.", "invalid_request_error", param="batch_id")
+            return None, _json_response(404, error, headers)
+        return job, None
+
+    def _new_batch(self, body: Any) -> _BatchJob:
+        """Check a create-batch body and register the batch; raises _RequestError."""
+        if not isinstance(body, dict):
+            raise _invalid("Expected a JSON object body.", None)
+        endpoint, window = body.get("endpoint"), body.get("completion_window")
+        if endpoint not in _BATCH_ENDPOINTS:
+            raise _invalid(f"Invalid endpoint {endpoint!r}: this server batches /v1/chat/completions.", "endpoint")
+        if window != "24h":
+            raise _invalid(f"Invalid completion_window {window!r}: only '24h' is supported.", "completion_window")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _invalid("metadata must be an object of string values.", "metadata")
+        with self._lock:
+            stored = self._files.get(body.get("input_file_id"))
+            if stored is None:
+                raise _RequestError(404, f"No such File object: {body.get('input_file_id')}",
+                                    param="input_file_id")
+            outcome, run_lines = self._batch_outcomes.popleft() if self._batch_outcomes else (None, None)
+            count = sum(1 for raw in stored.data.splitlines() if raw.strip())
+            job = _BatchJob(_new_id("batch_"), stored.id, endpoint, window, dict(metadata), int(time.time()),
+                            count, outcome, run_lines)
+            self._batches[job.id] = job
+        return job
+
+    async def _run_batch(self, job: _BatchJob) -> None:
+        """Validate, wait the batch delay (or a cancel), run the lines, write the result files."""
+        with self._lock:
+            delay_s, data = self._batch_delay_s, self._files[job.input_file_id].data
+        lines, errors = _batch_input_lines(data, job.endpoint)
+        if errors or job.outcome == "failed":
+            job.errors = errors or [{"code": "injected_failure", "message": "The batch failed (injected).",
+                                     "param": None, "line": None}]
+            job.set_status("failed")
+            return
+        job.set_status("in_progress")
+        try:
+            await asyncio.wait_for(job.cancel.wait(), delay_s)
+        except asyncio.TimeoutError:
+            pass
+        limit = len(lines) if job.outcome is None else (job.run_lines if job.run_lines is not None
+                                                        else len(lines) // 2)
+        outputs, failures = [], []
+        for line in lines[:limit]:
+            if job.cancel.is_set():
+                break
+            ok, text = await self._answer_batch_line(line)
+            (outputs if ok else failures).append(text)
+            job.completed, job.failed = job.completed + ok, job.failed + (not ok)
+        ran = job.completed + job.failed
+        if job.outcome == "expired":
+            failures += [_expired_line(line["custom_id"]) for line in lines[ran:]]
+        self._finish_batch(job, outputs, failures, ran == len(lines) and not job.cancel.is_set())
+
+    def _finish_batch(self, job: _BatchJob, outputs: list[bytes], failures: list[bytes], whole: bool) -> None:
+        with self._lock:
+            if self._shuffle_output:
+                self._rng.shuffle(outputs)
+                self._rng.shuffle(failures)
+        job.set_status("finalizing")
+        if outputs:
+            job.output_file_id = self._store_file(f"{job.id}_output.jsonl", "batch_output", b"".join(outputs)).id
+        if failures:
+            job.error_file_id = self._store_file(f"{job.id}_error.jsonl", "batch_output", b"".join(failures)).id
+        if job.outcome == "expired" and not whole:
+            job.set_status("expired")
+        elif job.cancel.is_set() or (job.outcome == "cancelled" and not whole):
+            job.set_status("cancelled")
+        else:
+            job.set_status("completed")
+
+    async def _answer_batch_line(self, line: dict[str, Any]) -> tuple[bool, bytes]:
+        """Run one request line through the chat checks and captioning; return (ok, output line)."""
+        request_id, body = _new_id("req_"), line["body"]
+        with self._lock:
+            fault = self._line_faults.popleft() if self._line_faults else None
+        if fault == "batch_expired":
+            return False, _expired_line(line["custom_id"])
+        try:
+            if fault is not None:
+                status, message, type_, code = _FAULT_ERRORS[fault]
+                raise _RequestError(status, message, code=code)
+            if body.get("stream"):
+                raise _invalid("Streaming is not supported in the Batch API.", "stream")
+            parts, text_chars = _check_request(body)
+            pictures = await asyncio.get_running_loop().run_in_executor(self._pool, _decode_pictures, parts)
+        except _RequestError as err:
+            response = {"status_code": err.status, "request_id": request_id, "body": err.body()}
+            return False, _batch_line(line["custom_id"], response, None)
+        prompt_tokens = sum(p.tokens for p in pictures) + _text_tokens(text_chars)
+        caption = _caption(pictures[0].size, pictures[0].thumb)
+        completion = _compose(_read_fields(body), caption, prompt_tokens, None)
+        response = {"status_code": 200, "request_id": request_id, "body": completion.as_object()}
+        return True, _batch_line(line["custom_id"], response, None)
 
     # -- helpers of the handlers -----------------------------------------------------------------
 

@@ -85,16 +85,25 @@ class RunSummary:
 
 
 def run(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None, headers: dict[str, str],
-        allow_job_change: bool = False, progress: bool | None = None) -> RunSummary:
-    """Run a job to the end (or to Ctrl-C/SIGTERM) in a fresh event loop; return its summary."""
+        allow_job_change: bool = False, progress: bool | None = None, detach: bool = False) -> RunSummary:
+    """Run a job to the end (or to Ctrl-C/SIGTERM) in a fresh event loop; return its summary.
+
+    `endpoint.mode = "batch"` hands the run to batch.py's driver (`detach`: return once submitted).
+    """
     return asyncio.run(run_async(job, input_path, out, api_key=api_key, headers=headers,
-                                 allow_job_change=allow_job_change, progress=progress, handle_signals=True))
+                                 allow_job_change=allow_job_change, progress=progress, handle_signals=True,
+                                 detach=detach))
 
 
 async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None,
                     headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
-                    handle_signals: bool = False) -> RunSummary:
+                    handle_signals: bool = False, detach: bool = False) -> RunSummary:
     """The same as `run`, inside a running loop (tests call this)."""
+    if job.endpoint.mode == "batch":
+        from .batch import run_batch
+
+        return await run_batch(job, input_path, out, api_key=api_key, headers=headers,
+                               allow_job_change=allow_job_change, progress=progress, detach=detach)
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
     done, sent_shas = await asyncio.to_thread(store.resume_index)

@@ -1,0 +1,424 @@
+"""export.py: an out folder's captions, written where they are used: sidecar .txt, HF imagefolder, JSONL, CSV, Parquet.
+
+A driver beside `runner`: it reads what `caption run` wrote (through `store.iter_rows`) and never
+changes the out folder, sends nothing and decodes no image. Each image's latest row decides, as it
+does for resume; images whose latest row is an error are listed, not exported.
+
+Memory: the latest row of each image is found in two passes over the parts. The first keeps one
+integer per image (the position of its latest row, in a dict keyed by path while it is built); the
+second streams the rows at those positions into the output. Output files are streamed too.
+
+Every file is written atomically: to a hidden temp file beside it, then moved into place. Nothing
+existing is replaced unless `overwrite` is set; the check runs over every target before the first
+write, and the final move of each file refuses to clobber a file that appeared meanwhile.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import JobError
+from .store import JOB_FILE, SCHEMA, iter_rows
+
+__all__ = [
+    "FORMATS",
+    "ExportSettings",
+    "ErrorRow",
+    "ExportSummary",
+    "export",
+    "check_out_folder",
+    "latest_positions",
+    "iter_latest_rows",
+    "source_path",
+    "open_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["txt", "hf", "jsonl", "csv", "parquet"]
+FORMATS: tuple[str, ...] = ("txt", "hf", "jsonl", "csv", "parquet")
+
+DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "hf": (),
+    "jsonl": ("model", "prompt_tokens", "completion_tokens", "total_tokens"),
+    "csv": ("model", "prompt_tokens", "completion_tokens", "total_tokens"),
+}
+"""Columns written after the path and the caption, per format, when --columns is not given."""
+
+HF_METADATA = "metadata.jsonl"
+"""The file name the Hugging Face ImageFolder builder looks for beside the images. Each line holds
+`file_name` (the image's path relative to the folder holding metadata.jsonl) and any other
+columns, which become dataset features:
+https://huggingface.co/docs/datasets/image_dataset#imagefolder ("Image captioning" / metadata)."""
+
+MAX_LISTED_ERRORS = 20
+"""Images without an ok row beyond this many are counted, not listed."""
+
+PARQUET_BATCH_ROWS = 10_000
+"""Rows per write to the compacted Parquet file: bounds memory and sets the row-group granularity."""
+
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSettings:
+    """What `caption export` was asked to do."""
+
+    out: Path  # the out folder written by `caption run`
+    to: Format
+    dest: Path | None = None  # folder to write into; per-format default when None
+    input: Path | None = None  # the image folder the run captioned (image_path is relative to it)
+    overwrite: bool = False  # replace existing files instead of refusing
+    columns: tuple[str, ...] | None = None  # extra columns (hf, jsonl, csv); None: DEFAULT_COLUMNS
+    copy_images: bool = False  # also copy each exported image under dest (txt, hf)
+    caption_ext: str = ".txt"  # sidecar extension (txt)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """An image whose latest row is an error: listed, not exported."""
+
+    image_path: str
+    error_kind: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSummary:
+    """What an export wrote."""
+
+    target: Path  # the file written, or the folder the files went into
+    exported: int  # images exported (one caption each)
+    files: int  # files written
+    errors: int  # images left out because their latest row is an error
+    listed_errors: tuple[ErrorRow, ...]  # the first MAX_LISTED_ERRORS of them
+
+
+# --- reading the out folder ----------------------------------------------------------------
+
+
+def check_out_folder(out: Path) -> None:
+    """Raise JobError unless `out` is a folder written by `caption run`."""
+    if not out.is_dir():
+        raise JobError(f"{out}: out folder not found")
+    if not (out / JOB_FILE).is_file():
+        raise JobError(f"{out}: not an out folder of `caption run` (no {JOB_FILE})")
+    journals = [p.name for p in out.glob("_journal-*.jsonl")]
+    if journals:
+        log.warning("%s: %d journal segment(s) are not yet Parquet parts (a run is going on, or one "
+                    "crashed: `caption run` again recovers them); their rows are left out",
+                    out, len(journals))
+
+
+def latest_positions(out: Path) -> set[int]:
+    """Return the positions (row numbers across the parts, in order) of each image's latest row.
+
+    Rows are appended in the order attempts ended and parts are numbered in that order, so the
+    last row seen for a path is its latest, which is the rule resume follows too.
+    """
+    latest: dict[str, int] = {}
+    position = 0
+    for batch in iter_rows(out, ["image_path"]):
+        for path in batch["image_path"]:
+            latest[path] = position
+            position += 1
+    return set(latest.values())
+
+
+def iter_latest_rows(out: Path, columns: Iterable[str], positions: set[int]) -> Iterator[dict[str, Any]]:
+    """Yield each image's latest row (as `{column: value}`, `image_path` always included), in written order."""
+    names = list(dict.fromkeys(["image_path", *columns]))
+    position = 0
+    for batch in iter_rows(out, names):
+        size = len(batch["image_path"])
+        for i in range(size):
+            if position + i in positions:
+                yield {name: batch[name][i] for name in names}
+        position += size
+
+
+def source_path(root: Path, image_path: str) -> Path:
+    """Return `root / image_path`, refusing a key that is absolute or climbs out of `root` (JobError).
+
+    Keys come from the Parquet rows, which a person may have edited; an export must not write
+    outside the folder it was given.
+    """
+    key = PurePosixPath(image_path)
+    if not image_path or key.is_absolute() or ".." in key.parts or "\\" in image_path:
+        raise JobError(f"image_path {image_path!r} is not a path inside the input folder; refusing to use it")
+    return root.joinpath(*key.parts)
+
+
+# --- the export ----------------------------------------------------------------------------
+
+
+def export(settings: ExportSettings) -> ExportSummary:
+    """Write the latest ok caption of every image in `settings.out` as `settings.to`.
+
+    Raises JobError (before anything is written) for a folder that is not an out folder, flags
+    that do not fit the format, a missing --input, images not found under --input, two images that
+    would share one sidecar, or existing files without `overwrite`.
+    """
+    check_out_folder(settings.out)
+    _check_settings(settings)
+    positions = latest_positions(settings.out)
+    errors, listed, exported = _check_targets(settings, positions)
+    target, files = _WRITERS[settings.to](settings, positions)
+    log.debug("exported %d captions as %s to %s", exported, settings.to, target)
+    return ExportSummary(target=target, exported=exported, files=files, errors=errors,
+                         listed_errors=tuple(listed))
+
+
+def _check_settings(settings: ExportSettings) -> None:
+    to = settings.to
+    if to not in FORMATS:
+        raise JobError(f"--to {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    if settings.columns is not None:
+        if to not in DEFAULT_COLUMNS:
+            raise JobError(f"--columns applies to --to hf, jsonl and csv, not {to}")
+        unknown = [c for c in settings.columns if c not in SCHEMA.names]
+        if unknown:
+            raise JobError(f"--columns: no column {', '.join(unknown)}; the columns are {', '.join(SCHEMA.names)}")
+    if settings.copy_images and (to not in ("txt", "hf") or settings.dest is None or settings.input is None):
+        raise JobError("--copy-images needs --to txt or hf, with --dest (where to copy) and --input (from where)")
+    if to == "hf" and settings.dest is not None and not settings.copy_images:
+        raise JobError("--to hf --dest DIR needs --copy-images: an imagefolder dataset keeps the images "
+                       "beside metadata.jsonl (or leave out --dest to write metadata.jsonl into --input)")
+    if to in ("txt", "hf") and settings.dest is None and settings.input is None:
+        raise JobError(f"--to {to} writes beside the images: name their folder with --input DIR "
+                       f"(or give --dest DIR{' --copy-images' if to == 'hf' else ''})")
+    if to != "txt" and settings.caption_ext != ".txt":
+        raise JobError(f"--caption-ext applies to --to txt, not {to}")
+    if not re.fullmatch(r"\.[A-Za-z0-9_-]+", settings.caption_ext):
+        raise JobError(f"--caption-ext {settings.caption_ext!r}: give a dot and letters, e.g. .txt or .caption")
+    if settings.input is not None and not settings.input.is_dir():
+        raise JobError(f"--input {settings.input}: folder not found")
+
+
+def _check_targets(settings: ExportSettings, positions: set[int]) -> tuple[int, list[ErrorRow], int]:
+    """Collect the error rows, check every file the export would write; return (errors, listed, ok)."""
+    errors, listed, exported = 0, [], 0
+    targets: dict[Path, str] = {}
+    missing, first_missing = 0, ""
+    columns = ["status", "error_kind", "error"]
+    for row in iter_latest_rows(settings.out, columns, positions):
+        if row["status"] != "ok":
+            errors += 1
+            if len(listed) < MAX_LISTED_ERRORS:
+                listed.append(ErrorRow(row["image_path"], row["error_kind"], row["error"]))
+            continue
+        exported += 1
+        path = row["image_path"]
+        if settings.input is not None and not source_path(settings.input, path).is_file():
+            missing, first_missing = missing + 1, first_missing or path
+        for target in _per_image_targets(settings, path):
+            if target in targets:
+                first, second = sorted((targets[target], path))
+                raise JobError(f"{first} and {second} would both write {target}; rename one of them")
+            targets[target] = path
+    if missing:
+        raise JobError(f"--input {settings.input}: {missing} of {exported} captioned images are not there "
+                       f"(e.g. {first_missing}); is it the folder `caption run` captioned?")
+    _refuse_overwrites([*targets, *_single_targets(settings)], settings.overwrite)
+    return errors, listed, exported
+
+
+def _per_image_targets(settings: ExportSettings, image_path: str) -> list[Path]:
+    """The files one exported image makes: its sidecar (txt) and its copy (--copy-images)."""
+    found: list[Path] = []
+    if settings.to == "txt":
+        image = source_path(settings.dest or settings.input, image_path)
+        found.append(image.with_name(image.stem + settings.caption_ext))
+    if settings.copy_images:
+        found.append(source_path(settings.dest, image_path))
+    return found
+
+
+def _single_targets(settings: ExportSettings) -> list[Path]:
+    return [] if settings.to == "txt" else [_single_target(settings)]
+
+
+def _single_target(settings: ExportSettings) -> Path:
+    """The one file of the hf, jsonl, csv and parquet formats.
+
+    hf: metadata.jsonl in the folder holding the images (--dest with --copy-images, else --input).
+    Others: `<out folder name>.<format>` in --dest, by default beside the out folder, so that
+    `caption export runs/alt --to csv` gives `runs/alt.csv`.
+    """
+    if settings.to == "hf":
+        return (settings.dest or settings.input) / HF_METADATA
+    out = settings.out.resolve()
+    return (settings.dest or out.parent) / f"{out.name}.{settings.to}"
+
+
+def _refuse_overwrites(targets: list[Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        many = f"{len(existing)} files" if len(existing) > 1 else "1 file"
+        raise JobError(f"{many} would be overwritten (e.g. {existing[0]}); nothing written. "
+                       "Pass --overwrite to replace them, or choose another --dest")
+
+
+# --- the writers ---------------------------------------------------------------------------
+
+
+def _iter_ok_rows(settings: ExportSettings, positions: set[int], columns: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for row in iter_latest_rows(settings.out, ["status", *columns], positions):
+        if row["status"] == "ok":
+            yield row
+
+
+def _extra_columns(settings: ExportSettings) -> list[str]:
+    chosen = DEFAULT_COLUMNS[settings.to] if settings.columns is None else settings.columns
+    return [c for c in dict.fromkeys(chosen) if c not in ("image_path", "caption")]
+
+
+def _write_txt(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+    """One `<stem><caption_ext>` per image, beside it under --input or mirrored under --dest.
+
+    The caption goes on one line: kohya-ss/sd-scripts reads a DreamBooth-style subset's caption from
+    the file named like the image with `caption_extension` (".txt" in docs/config_README-en.md) and
+    keeps only its first line, so line breaks in a caption become spaces. OneTrainer and similar
+    trainers read the same sidecars.
+    """
+    root = settings.dest or settings.input
+    files = 0
+    for row in _iter_ok_rows(settings, positions, ["caption"]):
+        sidecar, *copy = _per_image_targets(settings, row["image_path"])
+        text = _LINE_BREAKS.sub(" ", (row["caption"] or "").strip())
+        with open_atomic(sidecar, settings.overwrite) as handle:
+            handle.write(text + "\n")
+        files += 1 + _copy_images(settings, row["image_path"], copy)
+    return root, files
+
+
+def _write_hf(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+    """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns."""
+    extra = _extra_columns(settings)
+    target = _single_target(settings)
+    files = 1
+    with open_atomic(target, settings.overwrite) as handle:
+        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
+            line = {"file_name": row["image_path"], "text": row["caption"] or ""}
+            line.update((c, _json_value(row[c])) for c in extra)
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if settings.copy_images:
+                files += _copy_images(settings, row["image_path"], [source_path(settings.dest, row["image_path"])])
+    return target, files
+
+
+def _write_jsonl(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+    """One JSON object per line (UTF-8, https://jsonlines.org): image_path, caption, columns."""
+    extra = _extra_columns(settings)
+    target = _single_target(settings)
+    with open_atomic(target, settings.overwrite) as handle:
+        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
+            line = {"image_path": row["image_path"], "caption": row["caption"] or ""}
+            line.update((c, _json_value(row[c])) for c in extra)
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return target, 1
+
+
+def _write_csv(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+    """A header, then one record per image, UTF-8 without a BOM.
+
+    The csv module's default `excel` dialect is RFC 4180 (https://www.rfc-editor.org/rfc/rfc4180):
+    comma separated, CRLF line ends, fields holding a comma, quote or line break enclosed in double
+    quotes with inner quotes doubled. The file is opened with newline="" as the csv docs require,
+    so line breaks inside a caption survive as they are.
+    """
+    extra = _extra_columns(settings)
+    target = _single_target(settings)
+    with open_atomic(target, settings.overwrite, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "caption", *extra])
+        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
+            writer.writerow([row["image_path"], row["caption"] or "", *(_csv_value(row[c]) for c in extra)])
+    return target, 1
+
+
+def _write_parquet(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+    """All parts compacted into one file, one row (the latest, ok) per image, schema `store.SCHEMA`."""
+    target = _single_target(settings)
+    with open_atomic(target, settings.overwrite, binary=True) as handle:
+        with pq.ParquetWriter(handle, SCHEMA, compression="zstd") as writer:
+            batch: list[dict[str, Any]] = []
+            for row in _iter_ok_rows(settings, positions, SCHEMA.names):
+                batch.append(row)
+                if len(batch) >= PARQUET_BATCH_ROWS:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+                    batch.clear()
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+    return target, 1
+
+
+_WRITERS = {"txt": _write_txt, "hf": _write_hf, "jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}
+
+
+def _copy_images(settings: ExportSettings, image_path: str, targets: list[Path]) -> int:
+    for target in targets:
+        with open(source_path(settings.input, image_path), "rb") as source:
+            with open_atomic(target, settings.overwrite, binary=True) as handle:
+                shutil.copyfileobj(source, handle)
+    return len(targets)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else _json_value(value)
+
+
+@contextmanager
+def open_atomic(target: Path, overwrite: bool, *, binary: bool = False, newline: str | None = None) -> Iterator[IO]:
+    """Open a hidden temp file beside `target`; on a clean exit move it into place, else delete it.
+
+    Text is UTF-8. Without `overwrite`, an existing `target` is never replaced (JobError).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if binary:
+            with open(tmp, "wb") as handle:
+                yield handle
+        else:
+            with open(tmp, "w", encoding="utf-8", newline=newline) as handle:
+                yield handle
+        _publish(tmp, target, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move `tmp` to `target` in one step; without `overwrite`, never replace a file that exists."""
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    appeared = f"{target}: appeared while exporting; not overwritten (pass --overwrite to replace it)"
+    try:
+        os.link(tmp, target)  # fails if target exists, so no window between the check and the write
+    except FileExistsError:
+        raise JobError(appeared) from None
+    except OSError:  # a filesystem without hard links: the up-front check has to do
+        if target.exists():
+            raise JobError(appeared) from None
+        os.replace(tmp, target)

@@ -1,0 +1,242 @@
+"""Batch mode over loopback: the bundled server's Files and Batches APIs, the driver, kill -9 in each window."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.batch import CRASH_ENV, BatchAPI
+from pipeline.cli import main
+from pipeline.store import SCHEMA
+
+ROOT = Path(__file__).parent.parent
+SAMPLES = ROOT / "sample_data"
+GOOD = ["astronaut_eileen_collins.jpg", "brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg",
+        "hubble_deep_field.jpg"]
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in GOOD:
+        shutil.copyfile(SAMPLES / name, folder / name)
+    return folder
+
+
+def _argv(folder: Path, out: Path, server, *flags: str) -> list[str]:
+    return ["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(out),
+            "--base-url", server.base_url, "--mode", "batch", "--batch-poll-s", "0.02", "--retry-base-s", "0.01",
+            "--max-side", "256", "--no-progress", *flags]
+
+
+def _rows(out: Path) -> list[dict]:
+    return pq.read_table(out).to_pylist()
+
+
+def _ok_paths(out: Path) -> list[str]:
+    return sorted(r["image_path"] for r in _rows(out) if r["status"] == "ok")
+
+
+def _chunks(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "_batch").glob("chunk-*.json"))]
+
+
+def test_two_chunks_end_to_end_rows_like_online(server, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--batch-max-requests", "2")) == 0
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD)
+    assert {r["mode"] for r in rows} == {"batch"} and {r["status"] for r in rows} == {"ok"}
+    assert all(r["caption"] and r["request_id"] and r["total_tokens"] and r["sent_width"] for r in rows)
+    assert all(pq.read_schema(p).equals(SCHEMA) for p in out.glob("part-*.parquet"))
+    seen = server.batches()
+    assert [b.lines for b in seen] == [2, 2, 1]  # three chunks, one batch each
+    assert len({b.metadata["caption_chunk"] for b in seen}) == 3
+    assert [c["state"] for c in _chunks(out)] == ["collected"] * 3
+    assert not list((out / "_batch").glob("chunk-*[0-9].jsonl"))  # request files go once collected
+    assert main(_argv(folder, out, server)) == 0  # again: nothing left to send
+    assert len(server.batches()) == 3
+    assert "5 already done" in capsys.readouterr().out
+
+
+def test_shuffled_output_is_matched_by_custom_id(server, folder, tmp_path):
+    online, batch = tmp_path / "online", tmp_path / "batch"
+    assert main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(online),
+                 "--base-url", server.base_url, "--max-side", "256", "--no-progress"]) == 0
+    server.shuffle_batch_output(True)
+    assert main(_argv(folder, batch, server)) == 0
+    captions = {r["image_path"]: r["caption"] for r in _rows(online)}
+    assert {r["image_path"]: r["caption"] for r in _rows(batch)} == captions
+    assert len(set(captions.values())) == len(GOOD)  # distinct answers, so a mix-up would show
+
+
+@pytest.mark.parametrize(
+    ("outcome", "run_lines", "resent"),
+    [("expired", 2, 3), ("cancelled", 2, 3), ("failed", None, 5)],
+    ids=["expired-keeps-completed", "cancelled-keeps-completed", "failed-resends-all"],
+)
+def test_batch_that_did_not_finish_is_resubmitted(server, folder, tmp_path, outcome, run_lines, resent):
+    server.fail_next_batch(outcome, run_lines=run_lines)
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server)) == 0
+    assert [b.lines for b in server.batches()] == [5, resent]
+    assert [b.status for b in server.batches()] == [outcome, "completed"]
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each: kept ones not redone
+    assert sorted(r["attempts"] for r in rows) == [1] * (5 - resent) + [2] * resent
+
+
+def test_400_line_is_an_error_row_and_not_resent(server, folder, tmp_path):
+    server.fail_batch_lines("400")
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server)) == 1
+    rows = _rows(out)
+    errors = [r for r in rows if r["status"] == "error"]
+    assert len(rows) == 5 and len(errors) == 1
+    assert errors[0]["error_kind"] == "bad_request" and errors[0]["mode"] == "batch"
+    assert len(server.batches()) == 1
+
+
+def test_transient_line_is_resent_in_a_later_chunk(server, folder, tmp_path):
+    server.fail_batch_lines("500")
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server)) == 0
+    assert [b.lines for b in server.batches()] == [5, 1]
+    assert sorted(r["attempts"] for r in _rows(out)) == [1, 1, 1, 1, 2]
+
+
+def test_transient_line_ends_as_error_row_when_attempts_run_out(server, folder, tmp_path):
+    server.fail_batch_lines("503", times=2)
+    server.shuffle_batch_output(False)
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--max-attempts", "1", "--batch-max-requests", "1")) == 1
+    kinds = sorted(r["error_kind"] or "ok" for r in _rows(out))
+    assert kinds == ["ok", "ok", "ok", "transient", "transient"]
+    assert len(server.batches()) == 5
+
+
+def _start(folder: Path, out: Path, server, crash_at: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, CRASH_ENV: crash_at}
+    argv = [sys.executable, "-m", "pipeline", *_argv(folder, out, server, "--batch-max-requests", "2")]
+    return subprocess.run(argv, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("step", ["writing", "uploaded", "created", "polling", "collecting"])
+def test_kill9_in_each_window_then_rerun_submits_each_chunk_once(server, folder, tmp_path, step):
+    server.set_batch_delay(0.1)
+    out = tmp_path / "out"
+    crashed = _start(folder, out, server, step)
+    assert crashed.returncode == 137, crashed.stderr
+    assert main(_argv(folder, out, server, "--batch-max-requests", "2")) == 0
+    chunks = _chunks(out)
+    seen = server.batches()
+    assert len(seen) == len(chunks) == 3  # exactly one batch per chunk
+    assert sorted(b.metadata["caption_chunk"] for b in seen) == sorted(
+        f"{json.loads((out / '_batch' / '_run.json').read_text())['run_id']}/{c['name']}" for c in chunks)
+    assert {c["batch_id"] for c in chunks} == {b.id for b in seen}
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each, none twice
+    assert _ok_paths(out) == sorted(GOOD)
+
+
+def test_detach_then_status_then_collect(server, folder, tmp_path, capsys):
+    server.set_batch_delay(0.3)
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--batch-max-requests", "3", "--detach")) == 0
+    printed = capsys.readouterr().out
+    assert "2 batches are with the provider" in printed and "caption batch collect" in printed
+    assert not list(out.glob("part-*.parquet"))
+    assert main(["batch", "status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert status.count("submitted") == 2 and "in_progress" in status
+    time.sleep(0.5)
+    assert main(["batch", "collect", str(out)]) == 0
+    assert _ok_paths(out) == sorted(GOOD)
+    assert len(server.batches()) == 2
+
+
+def test_cancel_then_collect_resends_what_did_not_run(server, folder, tmp_path, capsys):
+    server.set_batch_delay(30)
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--detach")) == 0
+    assert main(["batch", "cancel", str(out)]) == 0
+    assert "asked to cancel 1 batches" in capsys.readouterr().out
+    deadline = time.monotonic() + 5
+    while server.batches()[0].status != "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    server.set_batch_delay(0)
+    assert main(["batch", "collect", str(out)]) == 0  # collects the cancelled one, submits the rest anew
+    assert [b.lines for b in server.batches()] == [5, 5]
+    time.sleep(0.2)
+    assert main(["batch", "collect", str(out)]) == 0
+    assert _ok_paths(out) == sorted(GOOD)
+
+
+def test_detach_against_the_in_process_endpoint_is_refused(folder, tmp_path, capsys):
+    code = main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(tmp_path / "o"),
+                 "--mode", "batch", "--detach"])
+    assert code == 2 and "--detach needs an endpoint" in capsys.readouterr().err
+
+
+async def _run_by_hand(base_url: str, requests: Path, dest: Path) -> None:
+    """Upload a prepared file, wait for its batch, download its output (as a user would by hand)."""
+    async with aiohttp.ClientSession() as session:
+        api = BatchAPI(session, base_url, api_key=None, headers={}, timeout_s=10)
+        batch = await api.create(await api.upload(requests), {}, "24h")
+        while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+            await asyncio.sleep(0.02)
+            batch = await api.retrieve(batch["id"])
+        await api.download(batch["output_file_id"], dest)
+
+
+def test_prepare_writes_request_files_and_ingest_turns_outputs_into_rows(server, folder, tmp_path, capsys):
+    dest, out = tmp_path / "requests", tmp_path / "out"
+    job = str(ROOT / "jobs" / "demo.toml")
+    assert main(["batch", "prepare", str(folder), "--job", job, "--dest", str(dest), "--batch-max-requests", "3"]) == 0
+    files = sorted(dest.glob("requests-*[0-9].jsonl"))
+    assert len(files) == 2
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(GOOD)
+    assert {(line["method"], line["url"]) for line in lines} == {("POST", "/v1/chat/completions")}
+    assert all("stream" not in line["body"] for line in lines)
+    outputs = [tmp_path / f"out-{i}.jsonl" for i in range(len(files))]
+    for requests, output in zip(files, outputs):
+        asyncio.run(_run_by_hand(server.base_url, requests, output))
+    assert main(["batch", "ingest", str(out), *map(str, outputs), "--job", job, "--prepared", str(dest)]) == 0
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD)
+    assert all(r["mode"] == "batch" and r["image_sha256"] and r["caption"] for r in rows)
+
+
+def test_server_lists_batches_newest_first_in_pages(server, folder, tmp_path):
+    async def scenario() -> list[list[str]]:
+        async with aiohttp.ClientSession() as session:
+            api = BatchAPI(session, server.base_url, api_key=None, headers={}, timeout_s=10)
+            requests = tmp_path / "r.jsonl"
+            requests.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                            "body": {"model": "m", "messages": []}}) + "\n")
+            file_id = await api.upload(requests)
+            for i in range(3):
+                await api.create(file_id, {"n": str(i)}, "24h")
+            pages, after = [], None
+            while True:
+                async with session.get(f"{server.base_url}/batches", params={"limit": "2", **({"after": after} if after else {})}) as r:
+                    page = await r.json()
+                pages.append([b["metadata"]["n"] for b in page["data"]])
+                if not page["has_more"]:
+                    return pages
+                after = page["last_id"]
+
+    assert asyncio.run(scenario()) == [["2", "1"], ["0"]]

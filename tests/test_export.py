@@ -1,0 +1,325 @@
+"""`caption export`: each format read back by the library that consumes it, from out folders `caption run` wrote."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.records import Result
+from pipeline.store import SCHEMA, Store
+
+SAMPLES = Path(__file__).parent.parent / "sample_data"
+IMAGES = {  # name in the input folder -> sample file; corrupt.jpg ends as an error row
+    "coffee_cup.jpg": "coffee_cup.jpg",
+    "chelsea_the_cat.jpg": "chelsea_the_cat.jpg",
+    "sub/horse_silhouette_1bit.png": "horse_silhouette_1bit.png",
+    "corrupt.jpg": "corrupt.jpg",
+}
+OK_IMAGES = sorted(k for k in IMAGES if k != "corrupt.jpg")
+JOB = """
+[endpoint]
+base_url = "http://127.0.0.1:1/v1"
+model = "local-caption"
+[prompt]
+user = "Describe this image."
+max_tokens = 100
+[image]
+max_side = 256
+detail = "low"
+[limits]
+concurrency = 4
+max_attempts = 2
+timeout_s = 10
+retry_base_s = 0.01
+"""
+
+
+def _make_input(folder: Path, images: dict[str, str]) -> Path:
+    for name, sample in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SAMPLES / sample, folder / name)
+    return folder
+
+
+def _caption_run(server, folder: Path, out: Path) -> int:
+    job = out.parent / "job.toml"
+    job.write_text(JOB)
+    return main(["run", str(folder), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
+                 "--no-progress"])
+
+
+def _append_rows(out: Path, *results: Result) -> None:
+    """Add rows to a run's out folder the way the runner does (same job, through the store)."""
+    summary = json.loads((out / "_job.json").read_text())
+    store = Store.open(out, summary, part_rows=1000, part_seconds=60)
+    for result in results:
+        store.append(result)
+    store.close()
+
+
+def _ok_row(out: Path, path: str, caption: str) -> Result:
+    fingerprint = json.loads((out / "_job.json").read_text())["fingerprint"]
+    return Result(image_path=path, status="ok", job_fingerprint=fingerprint,
+                  created_at=dt.datetime.now(dt.timezone.utc), caption=caption, model="local-caption",
+                  prompt_tokens=1, completion_tokens=2, total_tokens=3, attempts=1)
+
+
+@pytest.fixture(scope="module")
+def captioned_template(local_server, tmp_path_factory) -> Path:
+    """One real run, made once per module: in/ (4 images, one corrupt) and out/."""
+    local_server.reset()
+    root = tmp_path_factory.mktemp("captioned")
+    folder = _make_input(root / "in", IMAGES)
+    assert _caption_run(local_server, folder, root / "out") == 1  # corrupt.jpg is an error row
+    return root
+
+
+@pytest.fixture
+def captioned(captioned_template, tmp_path) -> tuple[Path, Path]:
+    """A fresh copy of the module's run for this test: (input folder, out folder)."""
+    shutil.copytree(captioned_template, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "in", tmp_path / "out"
+
+
+@pytest.fixture
+def export(capsys):
+    """Run `caption export` in-process; return (exit code, stdout, stderr)."""
+
+    def run(*argv: str | Path) -> tuple[int, str, str]:
+        code = main(["export", *map(str, argv)])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _latest_ok(out: Path) -> dict[str, dict]:
+    latest = {}
+    for row in pq.read_table(out).to_pylist():
+        latest[row["image_path"]] = row
+    return {path: row for path, row in latest.items() if row["status"] == "ok"}
+
+
+# --- each format, read back by its consumer --------------------------------------------------
+
+
+def _read_txt(root: Path, _out: Path) -> dict[str, str]:
+    found = {}
+    for sidecar in root.rglob("*.txt"):
+        text = sidecar.read_text(encoding="utf-8")
+        assert text.endswith("\n") and "\n" not in text[:-1]
+        image = next(p for p in sidecar.parent.iterdir() if p.stem == sidecar.stem and p.suffix != ".txt")
+        found[image.relative_to(root).as_posix()] = text[:-1]
+    return found
+
+
+def _read_csv(_root: Path, out: Path) -> dict[str, str]:
+    with open(out.parent / "out.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["image_path", "caption", "model", "prompt_tokens", "completion_tokens", "total_tokens"]
+    return {r["image_path"]: r["caption"] for r in rows}
+
+
+def _read_jsonl(_root: Path, out: Path) -> dict[str, str]:
+    lines = (out.parent / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(isinstance(r["total_tokens"], int) and r["model"] == "local-caption" for r in rows)
+    return {r["image_path"]: r["caption"] for r in rows}
+
+
+def _read_parquet(_root: Path, out: Path) -> dict[str, str]:
+    table = pq.read_table(out.parent / "out.parquet")
+    assert table.schema.equals(SCHEMA)
+    return {r["image_path"]: r["caption"] for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize(
+    "to, flags, reader",
+    [
+        ("txt", ["--input", "{in}"], _read_txt),
+        ("csv", [], _read_csv),
+        ("jsonl", [], _read_jsonl),
+        ("parquet", [], _read_parquet),
+    ],
+    ids=["txt", "csv", "jsonl", "parquet"],
+)
+def test_each_format_holds_the_latest_ok_caption_of_every_image(captioned, export, to, flags, reader):
+    folder, out = captioned
+    code, stdout, stderr = export(out, "--to", to, *(f.replace("{in}", str(folder)) for f in flags))
+    assert code == 0, stderr
+    expected = {path: row["caption"] for path, row in _latest_ok(out).items()}
+    assert sorted(expected) == OK_IMAGES
+    assert reader(folder, out) == expected
+    assert f"exported {len(OK_IMAGES)} captions as {to}" in stdout
+    assert "1 images have no ok row" in stderr and "corrupt.jpg: bad_image:" in stderr
+
+
+@pytest.fixture
+def load_imagefolder(tmp_path, monkeypatch):
+    """`datasets.load_dataset("imagefolder", data_dir=...)`, offline, with its cache under tmp_path."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    datasets = pytest.importorskip("datasets", reason="the test extra installs datasets")
+
+    def load(data_dir: Path):
+        return datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train",
+                                     cache_dir=str(tmp_path / "hf-cache"))
+
+    return load
+
+
+@pytest.mark.parametrize("into_input", [True, False], ids=["metadata-in-input", "dest-with-copies"])
+def test_hf_export_loads_as_an_imagefolder_with_captions(captioned, export, load_imagefolder, tmp_path, into_input):
+    folder, out = captioned
+    where = ["--input", folder] if into_input else ["--input", folder, "--dest", tmp_path / "ds", "--copy-images"]
+    code, _, stderr = export(out, "--to", "hf", *where, "--columns", "total_tokens,model")
+    assert code == 0, stderr
+    data_dir = folder if into_input else tmp_path / "ds"
+    assert (data_dir / "metadata.jsonl").is_file()
+    dataset = load_imagefolder(data_dir)
+    latest = _latest_ok(out)
+    assert dataset.num_rows == len(OK_IMAGES)
+    assert set(dataset.column_names) == {"image", "text", "total_tokens", "model"}
+    by_size = {(r["width"], r["height"]): r for r in latest.values()}  # the samples all differ in size
+    for item in dataset:
+        row = by_size[item["image"].size]
+        assert item["text"] == row["caption"]
+        assert (item["total_tokens"], item["model"]) == (row["total_tokens"], row["model"])
+    if not into_input:
+        copied = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.suffix != ".jsonl"
+                        and p.is_file())
+        assert copied == OK_IMAGES  # the error image is not copied
+
+
+def test_txt_sidecars_are_mirrored_under_dest(captioned, export, tmp_path):
+    folder, out = captioned
+    code, stdout, _ = export(out, "--to", "txt", "--dest", tmp_path / "caps")
+    assert code == 0
+    written = sorted(p.relative_to(tmp_path / "caps").as_posix() for p in (tmp_path / "caps").rglob("*"))
+    assert written == ["chelsea_the_cat.txt", "coffee_cup.txt", "sub", "sub/horse_silhouette_1bit.txt"]
+    assert not list(folder.rglob("*.txt"))  # nothing beside the images
+    assert "(3 files)" in stdout
+
+
+def test_latest_row_wins_over_earlier_attempts(captioned, export):
+    folder, out = captioned
+    _append_rows(out, _ok_row(out, "coffee_cup.jpg", "second answer"), _ok_row(out, "coffee_cup.jpg", "third answer"))
+    assert export(out, "--to", "parquet")[0] == 0
+    rows = pq.read_table(out.parent / "out.parquet").to_pylist()
+    assert sorted(r["image_path"] for r in rows) == OK_IMAGES  # one row per image, not one per attempt
+    assert next(r["caption"] for r in rows if r["image_path"] == "coffee_cup.jpg") == "third answer"
+    assert pq.read_table(out).num_rows == len(IMAGES) + 2  # the out folder itself is untouched
+
+
+def test_csv_quotes_as_rfc_4180_and_txt_keeps_one_line(captioned, export):
+    folder, out = captioned
+    tricky = 'Un café, "très" bon;\r\nsecond line\n\tthird, ✓'
+    _append_rows(out, _ok_row(out, "coffee_cup.jpg", tricky))
+    assert export(out, "--to", "csv", "--columns", "total_tokens")[0] == 0
+    raw = (out.parent / "out.csv").read_bytes()
+    assert raw.startswith(b"image_path,caption,total_tokens\r\n")  # CRLF records, no BOM
+    assert '"Un café, ""très"" bon;\r\nsecond line\n\tthird, ✓"'.encode("utf-8") in raw  # quoted, quotes doubled
+    with open(out.parent / "out.csv", encoding="utf-8", newline="") as handle:
+        rows = {r["image_path"]: r for r in csv.DictReader(handle)}
+    assert rows["coffee_cup.jpg"]["caption"] == tricky and rows["coffee_cup.jpg"]["total_tokens"] == "3"
+    assert export(out, "--to", "txt", "--input", folder)[0] == 0
+    assert (folder / "coffee_cup.txt").read_text(encoding="utf-8") == 'Un café, "très" bon; second line third, ✓\n'
+
+
+# --- refusing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "to, existing, flags",
+    [
+        ("txt", "in/chelsea_the_cat.txt", ["--input", "{in}"]),
+        ("txt", "caps/sub/horse_silhouette_1bit.txt", ["--dest", "{tmp}/caps"]),
+        ("hf", "in/metadata.jsonl", ["--input", "{in}"]),
+        ("hf", "ds/coffee_cup.jpg", ["--input", "{in}", "--dest", "{tmp}/ds", "--copy-images"]),
+        ("csv", "out.csv", []),
+        ("jsonl", "out.jsonl", []),
+        ("parquet", "out.parquet", []),
+    ],
+    ids=["txt-beside", "txt-dest", "hf-input", "hf-copy", "csv", "jsonl", "parquet"],
+)
+def test_existing_files_are_never_overwritten_without_the_flag(captioned, export, tmp_path, to, existing, flags):
+    folder, out = captioned
+    flags = [f.replace("{in}", str(folder)).replace("{tmp}", str(tmp_path)) for f in flags]
+    target = tmp_path / existing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("mine, keep me")
+    before = {p for p in tmp_path.rglob("*")}
+    code, stdout, stderr = export(out, "--to", to, *flags)
+    assert code == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and "1 file would be overwritten" in stderr and "--overwrite" in stderr
+    assert target.read_text() == "mine, keep me"
+    assert {p for p in tmp_path.rglob("*")} == before  # nothing else written either
+    code, _, _ = export(out, "--to", to, *flags, "--overwrite")
+    assert code == 0 and target.read_bytes() != b"mine, keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/nowhere", "--to", "csv"], "out folder not found"),
+        (["{in}", "--to", "csv"], "not an out folder of `caption run`"),
+        (["{out}", "--to", "txt"], "--input DIR"),
+        (["{out}", "--to", "hf", "--dest", "{tmp}/ds"], "needs --copy-images"),
+        (["{out}", "--to", "csv", "--columns", "caption,nope"], "no column nope"),
+        (["{out}", "--to", "parquet", "--columns", "model"], "--columns applies to"),
+        (["{out}", "--to", "csv", "--caption-ext", ".caption"], "--caption-ext applies to --to txt"),
+        (["{out}", "--to", "txt", "--input", "{tmp}/empty"], "3 of 3 captioned images are not there"),
+        (["{out}", "--to", "csv", "--copy-images"], "--copy-images needs"),
+    ],
+    ids=["missing", "not-out", "txt-no-input", "hf-dest-no-copy", "bad-column", "columns-parquet", "ext-csv",
+         "wrong-input", "copy-csv"],
+)
+def test_bad_usage_is_one_line_and_exit_2(captioned, export, tmp_path, argv, message):
+    folder, out = captioned
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{in}", str(folder)).replace("{out}", str(out)) for a in argv]
+    before = {p for p in tmp_path.rglob("*")}
+    code, stdout, stderr = export(*argv)
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("caption: ") and stderr.count("\n") == 1 and message in stderr, stderr
+    assert {p for p in tmp_path.rglob("*")} == before
+
+
+def test_two_images_that_would_share_a_sidecar_are_refused(server, export, tmp_path):
+    folder = _make_input(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "a.png": "horse_silhouette_1bit.png"})
+    assert _caption_run(server, folder, tmp_path / "out") == 0
+    code, _, stderr = export(tmp_path / "out", "--to", "txt", "--input", folder)
+    assert code == 2 and "a.jpg and a.png would both write" in stderr
+    assert not (folder / "a.txt").exists()
+
+
+def test_a_key_that_climbs_out_of_the_folder_is_refused(captioned, export, tmp_path):
+    folder, out = captioned
+    _append_rows(out, _ok_row(out, "../../escaped.jpg", "gotcha"))
+    code, _, stderr = export(out, "--to", "txt", "--dest", tmp_path / "caps")
+    assert code == 2 and "'../../escaped.jpg' is not a path inside the input folder" in stderr
+    assert not list(tmp_path.rglob("escaped*")) and not (tmp_path / "caps").exists()
+
+
+def test_export_reads_a_folder_of_many_parts_and_lists_errors_capped(captioned, export):
+    folder, out = captioned
+    fingerprint = json.loads((out / "_job.json").read_text())["fingerprint"]
+    now = dt.datetime.now(dt.timezone.utc)
+    errors = [Result(image_path=f"gone/{i:02d}.jpg", status="error", job_fingerprint=fingerprint, created_at=now,
+                     error_kind="bad_request", error=f"nope {i}") for i in range(25)]
+    for start in range(0, 25, 5):  # five more parts
+        _append_rows(out, *errors[start:start + 5])
+    code, _, stderr = export(out, "--to", "jsonl")
+    assert code == 0
+    lines = stderr.splitlines()
+    assert lines[0] == "caption: 26 images have no ok row and were not exported:"
+    assert len(lines) == 1 + 20 + 1 and "... and 6 more" in lines[-1]
+    assert len((out.parent / "out.jsonl").read_text().splitlines()) == len(OK_IMAGES)

@@ -1,0 +1,302 @@
+"""`caption review`: the static page, loaded in a real headless Chromium, against out folders `caption run` wrote.
+
+Chromium runs the page's JS and dumps the DOM it built (`--dump-dom`), which html.parser reads back:
+no Python browser driver is needed, because the page's view (filter, search, sort, page) is set by
+the URL fragment rather than by clicks. Debian's `chromium` package provides the browser; `.ci/run`
+installs it, and without it these tests fail with a message saying so rather than skip.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.records import Result
+from pipeline.review import write_review
+from pipeline.store import Store
+
+SAMPLES = Path(__file__).parent.parent / "sample_data"
+IMAGES = ["coffee_cup.jpg", "chelsea_the_cat.jpg", "horse_silhouette_1bit.png", "hubble_deep_field.jpg", "corrupt.jpg"]
+JOB = """
+[endpoint]
+base_url = "http://127.0.0.1:1/v1"
+model = "local-caption"
+[prompt]
+user = "Describe this image."
+max_tokens = 100
+[image]
+max_side = 256
+detail = "low"
+[limits]
+concurrency = 4
+max_attempts = 2
+timeout_s = 10
+"""
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+HOSTILE_NAME = "<img src=x onerror=\"document.title='pwned'\">.png"  # a legal file name on Linux
+HOSTILE_CAPTION = "<img src=x onerror=\"document.title='pwned'\">"
+HOSTILE_SCRIPT = "</script><script>document.title='pwned'</script><!-- & \u2028"
+HOSTILE_ERROR = "<b>bold</b><svg onload=\"document.title='pwned'\"></svg>"
+
+
+# --- the browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    pytest.fail("headless Chromium is needed for the review page tests: apt-get install chromium chromium-driver "
+                "(.ci/run installs them)")
+
+
+def _chromium(chromium: str, tmp_path: Path, *args: str) -> str:
+    profile = tmp_path / "chromium-profile"
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class _Page(HTMLParser):
+    """The parts of a dumped DOM the tests look at: title, every element's attributes, and the cards."""
+
+    def __init__(self, dom: str):
+        super().__init__(convert_charrefs=True)
+        self.title = ""
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.cards: list[dict[str, str]] = []
+        self.texts: dict[str, str] = {}  # text of elements with an id
+        self._open: list[tuple[str, str | None, str | None]] = []  # (tag, data-field, id)
+        self.feed(dom)
+
+    def handle_starttag(self, tag, attrs):
+        attributes = {k: v or "" for k, v in attrs}
+        self.elements.append((tag, attributes))
+        if tag == "article":
+            self.cards.append({"@path": attributes.get("data-path", ""), "@class": attributes.get("class", "")})
+        if tag == "img" and self._open and self.cards:
+            self.cards[-1]["thumb"] = attributes.get("src", "")
+        if tag not in ("img", "input", "meta", "br"):
+            self._open.append((tag, attributes.get("data-field"), attributes.get("id")))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for tag, field, element_id in self._open:
+            if tag == "title":
+                self.title += data
+            if field and self.cards:
+                self.cards[-1][field] = self.cards[-1].get(field, "") + data
+            if element_id:
+                self.texts[element_id] = self.texts.get(element_id, "") + data
+
+
+def _render(chromium: str, page: Path, tmp_path: Path, fragment: str = "") -> _Page:
+    url = page.resolve().as_uri() + ("#" + fragment if fragment else "")
+    return _Page(_chromium(chromium, tmp_path, "--dump-dom", url))
+
+
+# --- out folders -----------------------------------------------------------------------------
+
+
+def _caption_run(server, folder: Path, out: Path) -> int:
+    job = out.parent / "job.toml"
+    job.write_text(JOB)
+    return main(["run", str(folder), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
+                 "--no-progress"])
+
+
+def _append_rows(out: Path, *results: Result) -> None:
+    store = Store.open(out, json.loads((out / "_job.json").read_text()), part_rows=100_000, part_seconds=600)
+    for result in results:
+        store.append(result)
+    store.close()
+
+
+def _result(out: Path, path: str, **fields) -> Result:
+    fingerprint = json.loads((out / "_job.json").read_text())["fingerprint"]
+    fields = {"status": "ok", "attempts": 1, **fields}
+    return Result(image_path=path, job_fingerprint=fingerprint, created_at=dt.datetime.now(dt.timezone.utc), **fields)
+
+
+def _latest(out: Path) -> dict[str, dict]:
+    latest = {}
+    for row in pq.read_table(out).to_pylist():
+        latest[row["image_path"]] = row
+    return latest
+
+
+@pytest.fixture(scope="module")
+def reviewed(local_server, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One real run over five images (one corrupt) and its review page with thumbnails: (in, out, page)."""
+    local_server.reset()
+    root = tmp_path_factory.mktemp("reviewed")
+    folder = root / "in"
+    folder.mkdir()
+    for name in IMAGES:
+        shutil.copyfile(SAMPLES / name, folder / name)
+    assert _caption_run(local_server, folder, root / "out") == 1
+    summary = write_review(root / "out", input_dir=folder)
+    assert (summary.images, summary.ok, summary.errors, summary.thumbnails) == (5, 4, 1, 4)
+    return folder, root / "out", summary.html
+
+
+# --- the page --------------------------------------------------------------------------------
+
+
+def test_rendered_cards_match_the_parquet(chromium, reviewed, tmp_path):
+    _, out, page = reviewed
+    rendered = _render(chromium, page, tmp_path)
+    latest = _latest(out)
+    assert [c["@path"] for c in rendered.cards] == sorted(latest)
+    for card in rendered.cards:
+        row = latest[card["@path"]]
+        assert card["status"] == row["status"]
+        if row["status"] == "ok":
+            assert card["caption"] == row["caption"]
+            assert int(card["tokens"].split()[0].replace(",", "")) == row["total_tokens"]
+            assert card["thumb"].startswith("data:image/jpeg;base64,")
+        else:
+            assert "caption" not in card and "thumb" not in card and "error" in card["@class"]
+            assert card["error"] == f"{row['error_kind']}: {row['error']}"
+    assert rendered.texts["count"] == "Showing 1–5 of 5"
+    assert rendered.texts["summary"].startswith("5 images · 4 ok · 1 error · ")
+
+
+def test_page_fetches_nothing(reviewed):
+    _, _, page = reviewed
+    raw = _Page(page.read_text(encoding="utf-8"))  # the file as written, before any script ran
+    csp = next(a["content"] for t, a in raw.elements if a.get("http-equiv") == "Content-Security-Policy")
+    assert csp.startswith("default-src 'none'; img-src data:;")
+    links = [(t, k, v) for t, a in raw.elements for k, v in a.items() if k in ("src", "href", "action", "srcset")]
+    assert links == []  # no external script, stylesheet, font or image: the thumbnails are made by the JS
+    assert [t for t, _ in raw.elements if t in ("link", "iframe", "object", "embed", "base")] == []
+
+
+@pytest.mark.parametrize(
+    "fragment, expect",
+    [
+        ("", lambda rows: sorted(rows)),
+        ("status=error", lambda rows: ["corrupt.jpg"]),
+        ("status=ok&sort=tokens-desc",
+         lambda rows: sorted((p for p, r in rows.items() if r["status"] == "ok"),
+                             key=lambda p: (-rows[p]["total_tokens"], p))),
+        ("sort=tokens-asc&errors=first",
+         lambda rows: ["corrupt.jpg"] + sorted((p for p, r in rows.items() if r["status"] == "ok"),
+                                               key=lambda p: (rows[p]["total_tokens"], p))),
+        ("q=BRIGHT", lambda rows: sorted(p for p, r in rows.items() if "bright" in (r["caption"] or "").lower())),
+        ("q=truncated", lambda rows: ["corrupt.jpg"]),
+        ("q=no-such-thing", lambda rows: []),
+        ("per=2&page=2", lambda rows: sorted(rows)[2:4]),
+        ("per=2&page=99", lambda rows: sorted(rows)[4:]),
+    ],
+    ids=["default", "status", "ok-by-tokens", "errors-first", "search-caption", "search-error", "no-match",
+         "page-2", "page-past-end"],
+)
+def test_fragment_filters_searches_sorts_and_pages(chromium, reviewed, tmp_path, fragment, expect):
+    _, out, page = reviewed
+    rendered = _render(chromium, page, tmp_path, fragment)
+    expected = expect(_latest(out))
+    assert [c["@path"] for c in rendered.cards] == expected
+    if not expected:
+        assert rendered.texts["count"] == "No image matches"
+
+
+def test_errors_first_flag_sets_the_default_order(chromium, reviewed, tmp_path, capsys):
+    folder, out, _ = reviewed
+    page = tmp_path / "review.html"
+    assert main(["review", str(out), "--input", str(folder), "--html", str(page), "--errors-first"]) == 0
+    assert f"review page of 5 images (4 ok, 1 error, 4 thumbnails) in {page}" in capsys.readouterr().out
+    paths = [c["@path"] for c in _render(chromium, page, tmp_path).cards]
+    assert paths[0] == "corrupt.jpg" and paths[1:] == sorted(paths[1:])
+    mixed = [c["@path"] for c in _render(chromium, page, tmp_path, "errors=mixed").cards]
+    assert mixed == sorted(paths)
+
+
+def test_untrusted_text_is_shown_as_text_never_markup(chromium, server, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(SAMPLES / "chelsea_the_cat.jpg", folder / HOSTILE_NAME)
+    shutil.copyfile(SAMPLES / "coffee_cup.jpg", folder / "cup.jpg")
+    shutil.copyfile(SAMPLES / "brick_wall_grey.jpg", folder / "wall.jpg")
+    out = tmp_path / "out"
+    assert _caption_run(server, folder, out) == 0
+    _append_rows(out, _result(out, "cup.jpg", caption=HOSTILE_CAPTION, total_tokens=3),
+                 _result(out, "wall.jpg", caption=HOSTILE_SCRIPT, total_tokens=2),
+                 _result(out, "gone.jpg", status="error", error_kind="bad_request", error=HOSTILE_ERROR))
+    page = write_review(out, input_dir=folder).html
+    rendered = _render(chromium, page, tmp_path)
+    assert rendered.title == "caption review: out"  # no handler ran
+    cards = {c["@path"]: c for c in rendered.cards}
+    assert sorted(cards) == sorted([HOSTILE_NAME, "cup.jpg", "wall.jpg", "gone.jpg"])
+    assert cards["cup.jpg"]["caption"] == HOSTILE_CAPTION
+    assert cards["wall.jpg"]["caption"] == HOSTILE_SCRIPT
+    assert cards["gone.jpg"]["error"] == "bad_request: " + HOSTILE_ERROR
+    assert cards[HOSTILE_NAME]["path"] == HOSTILE_NAME
+    assert [t for t, _ in rendered.elements if t in ("b", "svg", "script")] == ["script", "script"]
+    assert not [a for _, a in rendered.elements if {"onerror", "onload"} & set(a)]
+    assert all(a["src"].startswith("data:image/jpeg;base64,") for t, a in rendered.elements if t == "img")
+    assert len([t for t, _ in rendered.elements if t == "img"]) == 3  # the three thumbnails, nothing more
+
+
+def test_page_without_input_has_no_thumbnails_but_works(chromium, reviewed, tmp_path):
+    _, out, _ = reviewed
+    page = write_review(out, html_path=tmp_path / "plain.html").html
+    rendered = _render(chromium, page, tmp_path, "status=ok")
+    assert len(rendered.cards) == 4 and not any("thumb" in c for c in rendered.cards)
+    assert all(c["caption"] for c in rendered.cards)
+
+
+def test_ten_thousand_images_render_one_page_at_a_time(chromium, reviewed, tmp_path):
+    _, out, _ = reviewed
+    big = tmp_path / "big"
+    shutil.copytree(out, big)
+    rows = [_result(big, f"photos/{i:05d}.jpg", caption=f"photo number {i}", total_tokens=100 + i % 997,
+                    prompt_tokens=90, completion_tokens=10 + i % 997) for i in range(10_000)]
+    _append_rows(big, *rows)
+    page = write_review(big).html
+    rendered = _render(chromium, page, tmp_path)
+    assert len(rendered.cards) == 100
+    assert rendered.texts["count"] == "Showing 1–100 of 10,005"
+    assert rendered.texts["page"] == "page 1 of 101"
+    found = _render(chromium, page, tmp_path, "q=photo number 999&sort=tokens-desc")
+    matching = [r for r in rows if "photo number 999" in r.caption]  # 999 and 9990-9999
+    expected = [r.image_path for r in sorted(matching, key=lambda r: (-r.total_tokens, r.image_path))]
+    assert len(expected) == 11 and [c["@path"] for c in found.cards] == expected
+
+
+def test_screenshot_shows_the_thumbnails(chromium, reviewed, tmp_path):
+    _, _, page = reviewed
+    png = tmp_path / "review.png"
+    _chromium(chromium, tmp_path, f"--screenshot={png}", "--window-size=1280,900", page.resolve().as_uri())
+    with Image.open(png) as shot:
+        assert shot.size == (1280, 900)
+        saturation = shot.convert("RGB").convert("HSV").getchannel("S").histogram()
+    colourful = sum(saturation[100:])
+    assert colourful > 10_000  # photos, not only text on white: the data-URL images were allowed and drawn
+
+
+def test_review_never_overwrites_a_file_it_did_not_write(reviewed, tmp_path, capsys):
+    _, out, _ = reviewed
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    assert main(["review", str(out), "--html", str(mine)]) == 2
+    assert "not a page `caption review` wrote" in capsys.readouterr().err
+    assert mine.read_text() == "<p>my notes</p>"
+    page = tmp_path / "page.html"
+    assert main(["review", str(out), "--html", str(page)]) == 0
+    assert main(["review", str(out), "--html", str(page)]) == 0  # its own page is regenerated
