@@ -147,6 +147,7 @@ class _Run:
         self.abandon = asyncio.Event()
         self.client: ChatClient | None = None
         self._images_left = self.image_workers
+        self._image_formula = cost.image_formula(job.endpoint.model)  # for the TPM count before sending
         self._backoff = wait_random_exponential(multiplier=limits.retry_base_s, max=limits.retry_max_s)
         self._progress = _Progress(self, enabled=progress)
         self._started = time.monotonic()
@@ -350,8 +351,8 @@ class _Run:
         That is how OpenAI counts it: https://platform.openai.com/docs/guides/rate-limits
         """
         prompt = self.job.prompt
-        return (cost.openai_tile_tokens(encoded.sent_width, encoded.sent_height, self.job.image.detail)
-                + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens)
+        image = cost.image_tokens(self._image_formula, encoded.sent_width, encoded.sent_height, self.job.image.detail)
+        return image + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
 
     def _retry_stop(self, state: RetryCallState) -> bool:
         """Stop at max_attempts; while the failure is a 429, allow RATE_LIMIT_PATIENCE times more.
@@ -380,7 +381,8 @@ class _Run:
 
     def _ok_row(self, source: Source, encoded: Encoded, chat: ChatResult, *, attempts: int, latency_s: float) -> Result:
         usage = chat.usage or cost.estimate_usage(encoded.sent_width, encoded.sent_height, self.job.image.detail,
-                                                  (self.job.prompt.system or "") + self.job.prompt.user, chat.text)
+                                                  (self.job.prompt.system or "") + self.job.prompt.user, chat.text,
+                                                  model=self.job.endpoint.model)
         return Result(
             **_image_fields(source, encoded, self.job.fingerprint),
             status="ok",
