@@ -54,11 +54,12 @@ from typing import Any
 import aiohttp
 import tqdm
 
-from . import cost, images
+from . import answers, images
 from . import job as jobmod
 from .client import build_payload, classify_response, parse_batch_response
 from .errors import (
     BadImageError,
+    BadOutputError,
     CaptionError,
     FatalError,
     JobError,
@@ -338,16 +339,13 @@ def _row(job: Job, key: str, facts: dict[str, Any], attempts: int, *, chat: Chat
     if chat is None:
         return Result(**base, status="error", error_kind=err.kind, error=str(err),
                       request_id=(err.request_id or request_id) if err is not None else request_id)
-    usage = chat.usage
-    if usage is None:
-        usage = cost.estimate_usage(facts.get("sent_width") or 0, facts.get("sent_height") or 0, job.image.detail,
-                                    (job.prompt.system or "") + job.prompt.user, chat.text)
-    base["model"] = chat.model or job.endpoint.model
-    return Result(**base, status="ok", caption=chat.text, finish_reason=chat.finish_reason,
-                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                  total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
-                  reasoning_tokens=usage.reasoning_tokens, usage_source=usage.source,
-                  request_id=chat.request_id or request_id)
+    try:
+        fields = answers.parse_fields(job, chat.text)
+    except BadOutputError as bad:  # a batch line is not asked again for this: an error row
+        return Result(**base, status="error", error_kind=bad.kind, error=str(bad),
+                      request_id=chat.request_id or request_id)
+    base.update(answers.answer_fields(job, chat, facts.get("sent_width") or 0, facts.get("sent_height") or 0, fields))
+    return Result(**base, status="ok", request_id=chat.request_id or request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -816,7 +814,7 @@ def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
                            f"recorded {summary['fingerprint']})")
         return job
     overrides: dict[str, Any] = {"request.extra": summary.get("request", {}).get("extra", {})}
-    for section in ("endpoint", "prompt", "image", "limits", "output", "cost", "batch"):
+    for section in jobmod.SECTIONS:
         for name, value in (summary.get(section) or {}).items():
             if name != "headers":
                 overrides[f"{section}.{name}"] = value

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import JobError
-from .job import (OVERRIDABLE, Batch, Cost, Endpoint, ImageSettings, Limits, Output, Prompt, load_job, resolve_api_key,
-                  resolve_headers)
+from .job import OVERRIDABLE, SECTIONS, load_job, resolve_api_key, resolve_headers
 
 __all__ = ["main"]
 
@@ -72,8 +71,6 @@ exit codes:
   0    reported
   2    bad usage, price file, or OUT holds no Parquet parts"""
 
-_SECTION_TYPES = {"endpoint": Endpoint, "prompt": Prompt, "image": ImageSettings, "limits": Limits, "output": Output,
-                  "cost": Cost, "batch": Batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +158,7 @@ def _add_overrides(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) 
         if name in skip:
             continue
         section, field_name = dotted.split(".")
-        hint = typing.get_type_hints(_SECTION_TYPES[section])[field_name]
+        hint = typing.get_type_hints(SECTIONS[section])[field_name]
         flag = "--" + name.replace("_", "-")
         dest = "override__" + dotted.replace(".", "__")
         help_text = f"[{section}] {field_name}"

@@ -321,18 +321,32 @@ def build_payload(job: Job, data_url: str, *, stream: bool, token_param: str = "
     if prompt.system:
         messages.append({"role": "system", "content": prompt.system})
     image = {"url": data_url, "detail": job.image.detail}
-    content = [{"type": "text", "text": prompt.user}, {"type": "image_url", "image_url": image}]
+    text = prompt.user if prompt.language is None else f"{prompt.user}\nAnswer in {prompt.language}."
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": image}]
     messages.append({"role": "user", "content": content})
     payload: dict[str, Any] = {"model": job.endpoint.model, "messages": messages, token_param: prompt.max_tokens}
     if prompt.temperature is not None:
         payload["temperature"] = prompt.temperature
     if prompt.reasoning_effort is not None:
         payload["reasoning_effort"] = prompt.reasoning_effort
+    if (response_format := _response_format(job)) is not None:
+        payload["response_format"] = response_format
     if stream:
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
     payload.update(job.extra)
     return payload
+
+
+def _response_format(job: Job) -> dict[str, Any] | None:
+    """`response_format` for structured jobs, per https://platform.openai.com/docs/guides/structured-outputs."""
+    structured = job.structured
+    if structured.format == "json_schema":
+        return {"type": "json_schema",
+                "json_schema": {"name": structured.name, "schema": structured.schema, "strict": structured.strict}}
+    if structured.format == "json_object":
+        return {"type": "json_object"}
+    return None
 
 
 def parse_usage(raw: Any) -> Usage | None:

@@ -308,15 +308,54 @@ def _write_txt(settings: ExportSettings, positions: set[int]) -> tuple[Path, int
     return root, files
 
 
+def field_columns(out: Path, taken: Iterable[str]) -> dict[str, str]:
+    """Structured jobs with a flat schema: {field name: its export column}; {} otherwise.
+
+    Flat means every property is a scalar or a list of scalars, so that it fits one CSV cell. A
+    field whose name is already a column gets a `fields_` prefix.
+    """
+    try:
+        job = json.loads((out / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    structured = job.get("structured") or {}
+    properties = (structured.get("schema") or {}).get("properties") or {}
+    if structured.get("format", "text") == "text" or not properties or not all(map(_flat, properties.values())):
+        return {}
+    taken = set(taken)
+    return {name: f"fields_{name}" if name in taken else name for name in properties}
+
+
+def _flat(schema: Any) -> bool:
+    scalar = ("string", "number", "integer", "boolean", "null")
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type", "string")
+    if kind == "array":
+        return _flat(schema.get("items") or {}) and (schema.get("items") or {}).get("type", "string") != "array"
+    return all(k in scalar for k in (kind if isinstance(kind, list) else [kind]))
+
+
+def _field_values(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """The row's structured fields under their export column names (None where absent)."""
+    try:
+        fields = json.loads(row.get("fields") or "{}")
+    except ValueError:
+        fields = {}
+    return {column: fields.get(name) for name, column in columns.items()}
+
+
 def _write_hf(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
     """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns."""
     extra = _extra_columns(settings)
+    flat = field_columns(settings.out, ["file_name", "text", *extra])
     target = _single_target(settings)
     files = 1
     with open_atomic(target, settings.overwrite) as handle:
-        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
+        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
             line = {"file_name": row["image_path"], "text": row["caption"] or ""}
             line.update((c, _json_value(row[c])) for c in extra)
+            line.update(_field_values(row, flat))
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
             if settings.copy_images:
                 files += _copy_images(settings, row["image_path"], [source_path(settings.dest, row["image_path"])])
@@ -326,11 +365,13 @@ def _write_hf(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]
 def _write_jsonl(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
     """One JSON object per line (UTF-8, https://jsonlines.org): image_path, caption, columns."""
     extra = _extra_columns(settings)
+    flat = field_columns(settings.out, ["image_path", "caption", *extra])
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite) as handle:
-        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
+        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
             line = {"image_path": row["image_path"], "caption": row["caption"] or ""}
             line.update((c, _json_value(row[c])) for c in extra)
+            line.update(_field_values(row, flat))
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     return target, 1
 
@@ -344,12 +385,15 @@ def _write_csv(settings: ExportSettings, positions: set[int]) -> tuple[Path, int
     so line breaks inside a caption survive as they are.
     """
     extra = _extra_columns(settings)
+    flat = field_columns(settings.out, ["image_path", "caption", *extra])
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite, newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_path", "caption", *extra])
-        for row in _iter_ok_rows(settings, positions, ["caption", *extra]):
-            writer.writerow([row["image_path"], row["caption"] or "", *(_csv_value(row[c]) for c in extra)])
+        writer.writerow(["image_path", "caption", *extra, *flat.values()])
+        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
+            fields = _field_values(row, flat).values()
+            writer.writerow([row["image_path"], row["caption"] or "", *(_csv_value(row[c]) for c in extra),
+                             *map(_csv_value, fields)])
     return target, 1
 
 
@@ -385,6 +429,10 @@ def _json_value(value: Any) -> Any:
 
 
 def _csv_value(value: Any) -> Any:
+    if isinstance(value, list):  # a list field (tags) in one cell
+        return "; ".join("" if v is None else str(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return "" if value is None else _json_value(value)
 
 

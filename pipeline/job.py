@@ -30,9 +30,11 @@ __all__ = [
     "Limits",
     "Output",
     "Cost",
+    "Structured",
     "Batch",
     "Job",
     "OVERRIDABLE",
+    "SECTIONS",
     "load_job",
     "resolve_api_key",
     "resolve_headers",
@@ -66,6 +68,7 @@ class Prompt:
     max_tokens: int = 300
     temperature: float | None = None
     reasoning_effort: str | None = None
+    language: str | None = None  # e.g. "German": the user prompt asks for the answer in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,22 @@ class Output:
 
     part_rows: int = 10_000  # roll a part after this many rows...
     part_seconds: float = 60.0  # ...or after this long, whichever comes first
+    max_chars: int | None = None  # captions longer than this are flagged (never cut): alt-text limits
+
+
+@dataclass(frozen=True, slots=True)
+class Structured:
+    """Ask for JSON instead of prose, and check every answer against a schema.
+
+    `json_schema` sends the schema as `response_format` (OpenAI structured outputs, vLLM guided
+    decoding); `json_object` only asks for some JSON object, for servers that support no more, and
+    still checks the answer against `schema` when one is given.
+    """
+
+    format: Literal["text", "json_schema", "json_object"] = "text"
+    name: str = "caption"  # the json_schema's name, as the API wants one
+    strict: bool = True  # json_schema.strict: the server must follow the schema exactly
+    schema: dict[str, Any] = field(default_factory=dict)  # a JSON Schema, as a TOML table
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +151,7 @@ class Job:
     limits: Limits = field(default_factory=Limits)
     output: Output = field(default_factory=Output)
     cost: Cost = field(default_factory=Cost)
+    structured: Structured = field(default_factory=Structured)
     batch: Batch = field(default_factory=Batch)
     extra: dict[str, Any] = field(default_factory=dict)  # [request.extra]
     source: str = "<defaults>"  # the file it came from, for messages
@@ -149,6 +169,10 @@ class Job:
             "image": dataclasses.asdict(self.image),
             "extra": self.extra,
         }
+        if self.prompt.language is None:
+            del decisive["prompt"]["language"]  # fields added later leave older fingerprints as they were
+        if self.structured.format != "text":
+            decisive["structured"] = dataclasses.asdict(self.structured)
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -160,17 +184,24 @@ _SECTIONS: dict[str, type] = {
     "limits": Limits,
     "output": Output,
     "cost": Cost,
+    "structured": Structured,
     "batch": Batch,
 }
 
+SECTIONS = _SECTIONS
+"""Section name → its settings dataclass."""
+
+_PREFIXED = ("batch", "structured")
+
 OVERRIDABLE: dict[str, str] = {
-    (f"batch_{f.name}" if section == "batch" else f.name): f"{section}.{f.name}"
+    (f"{section}_{f.name}" if section in _PREFIXED else f.name): f"{section}.{f.name}"
     for section, cls in _SECTIONS.items()
     for f in dataclasses.fields(cls)
-    if f.name != "headers"
+    if not str(f.type).startswith("dict")  # tables (headers, schema) live in the job file only
 }
 """Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
-the [batch] fields take a `batch_` prefix (`--batch-poll-s 5` sets batch.poll_s)."""
+the [batch] and [structured] fields take their section as a prefix (`--batch-poll-s 5`,
+`--structured-format json_object`)."""
 
 
 def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Job:
@@ -302,6 +333,22 @@ def _check_ranges(job: Job) -> None:
     url = job.endpoint.base_url
     if url != LOCAL_BASE_URL and not re.match(r"^https?://[^/\s]+", url):
         raise JobError(f"{job.source}: [endpoint] base_url must be http(s)://host/... or \"local\", not {url!r}")
+    _check_schema(job)
+
+
+def _check_schema(job: Job) -> None:
+    structured = job.structured
+    if structured.format == "json_schema" and not structured.schema:
+        raise JobError(f"{job.source}: [structured] format = \"json_schema\" needs a [structured.schema] table")
+    if structured.schema:
+        import jsonschema  # only jobs with a schema pay for the import
+
+        try:
+            jsonschema.validators.validator_for(structured.schema).check_schema(structured.schema)
+        except jsonschema.SchemaError as err:
+            where = "/".join(map(str, err.path)) or "top level"
+            raise JobError(f"{job.source}: [structured.schema] is not a valid JSON Schema ({where}): "
+                           f"{err.message}") from None
 
 
 def _did_you_mean(word: str, options: set[str]) -> str:

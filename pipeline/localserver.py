@@ -114,7 +114,9 @@ _FAULT_ERRORS: dict[str, tuple[int, str, str, str | None]] = {
         "insufficient_quota",
     ),
 }
-_STREAM_FAULTS = ("stream_error", "no_done", "no_finish", "no_usage", "malformed", "drop", "hang", "empty")
+_CONTENT_FAULTS = {"empty": "", "bad_json": "Sure! Here is the JSON you asked for: {caption: "}
+_STREAM_FAULTS = ("stream_error", "no_done", "no_finish", "no_usage", "malformed", "drop", "hang", "empty",
+                  "bad_json")
 FAULTS: tuple[str, ...] = (
     *_FAULT_ERRORS,
     "html502",
@@ -281,6 +283,49 @@ def _caption(size: tuple[int, int], thumb: Image.Image) -> str:
     return f"A {orientation} image, {width}×{height} pixels, mostly {colours}, {_brightness_word(thumb)} overall."
 
 
+def _answer_text(fields: _Fields, size: tuple[int, int], thumb: Image.Image) -> str:
+    """The answer's content: the caption, or a JSON document when `response_format` asks for one.
+
+    json_schema: an object built from the schema (strings get the caption, arrays of strings the
+    colour names, booleans say whether the image is bright, numbers its size); json_object: a
+    fixed object. Structured outputs: https://platform.openai.com/docs/guides/structured-outputs
+    """
+    caption = _caption(size, thumb)
+    spec = fields.response_format
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    facts = {"caption": caption, "colours": _dominant_colours(thumb), "bright": "bright" in _brightness_word(thumb),
+             "number": max(size)}
+    if kind == "json_schema":
+        schema = (spec.get("json_schema") or {}).get("schema") or {}
+        return json.dumps(_value_for(schema, facts), ensure_ascii=False)
+    if kind == "json_object":
+        return json.dumps({"caption": caption, "colours": facts["colours"], "bright": facts["bright"]},
+                          ensure_ascii=False)
+    return caption
+
+
+def _value_for(schema: Any, facts: dict[str, Any]) -> Any:
+    """A deterministic value of the schema's type, made from the image's facts."""
+    if not isinstance(schema, dict):
+        return facts["caption"]
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+    if kind == "object" or "properties" in schema:
+        return {name: _value_for(sub, facts) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        items = schema.get("items") or {}
+        if isinstance(items, dict) and items.get("type", "string") == "string" and "enum" not in items:
+            return list(facts["colours"])
+        return [_value_for(items, facts)]
+    if kind == "boolean":
+        return facts["bright"]
+    if kind in ("integer", "number"):
+        return facts["number"]
+    return facts["caption"]
+
+
 def _split_words(text: str) -> list[str]:
     """Cut text into pieces of a few words each; the pieces join back to exactly `text`."""
     words = [w for w in re.split(r"(?<=\s)(?=\S)", text) if w]
@@ -323,6 +368,7 @@ class _Fields:
     temperature: Any = None
     detail: str | None = None
     image_mime: str | None = None
+    response_format: Any = None  # as sent: {"type": "json_schema", "json_schema": {...}} or the like
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +426,7 @@ def _read_fields(payload: Any) -> _Fields:
         temperature=payload.get("temperature"),
         detail=image.get("detail") if isinstance(image.get("detail"), str) else None,
         image_mime=match.group(1).lower() if match else None,
+        response_format=payload.get("response_format"),
     )
 
 
@@ -601,7 +648,7 @@ def _compose(fields: _Fields, caption: str, prompt_tokens: int, fault: str | Non
     model = fields.model or MODEL_ID
     reasoning = REASONING_TOKENS if model.startswith(REASONING_PREFIX) else 0
     cap = _output_cap(fields)
-    text = "" if fault == "empty" else caption
+    text = _CONTENT_FAULTS.get(fault, caption)
     finish: str | None = "stop"
     if cap is not None and _text_tokens(len(text)) > cap - reasoning:
         text = text[: max(0, 4 * (cap - reasoning))]  # reasoning tokens spend the budget first
@@ -1072,6 +1119,7 @@ class LocalServer:
         - "drop": the connection is cut (for a stream, after the first chunk).
         - "hang": nothing (for a stream, after the first chunk) until the client gives up.
         - "empty": a normal answer whose content is "".
+        - "bad_json": a normal answer whose content is chatty text, not the JSON that was asked for.
 
         Raises ValueError for a name not in FAULTS or a negative count.
         """
@@ -1176,7 +1224,7 @@ class LocalServer:
         if verdict.limit is not None:
             return self._reply_now(exchange, _json_response(429, verdict.body, headers), verdict.limit)
         fault, retry_after_s = self._pop_fault()
-        caption = _caption(pictures[0].size, pictures[0].thumb)
+        caption = _answer_text(exchange.fields, pictures[0].size, pictures[0].thumb)
         completion = _compose(exchange.fields, caption, prompt_tokens, fault)
         return await self._answer(request, exchange, completion, fault, retry_after_s, headers)
 
@@ -1467,8 +1515,9 @@ class LocalServer:
             response = {"status_code": err.status, "request_id": request_id, "body": err.body()}
             return False, _batch_line(line["custom_id"], response, None)
         prompt_tokens = sum(p.tokens for p in pictures) + _text_tokens(text_chars)
-        caption = _caption(pictures[0].size, pictures[0].thumb)
-        completion = _compose(_read_fields(body), caption, prompt_tokens, None)
+        fields = _read_fields(body)
+        caption = _answer_text(fields, pictures[0].size, pictures[0].thumb)
+        completion = _compose(fields, caption, prompt_tokens, None)
         response = {"status_code": 200, "request_id": request_id, "body": completion.as_object()}
         return True, _batch_line(line["custom_id"], response, None)
 

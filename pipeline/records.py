@@ -109,3 +109,5 @@ class Result:
     latency_ms: int | None = None
     request_id: str | None = None
     dedup_of: str | None = None  # for a copy of an image already sent: the image_path that was sent
+    fields: str | None = None  # structured jobs: the answer's JSON object, checked against the schema
+    flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "length" (cut by max_tokens)

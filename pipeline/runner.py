@@ -36,9 +36,9 @@ import aiohttp
 import tqdm
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from . import cost, images, job as jobmod
+from . import answers, cost, images, job as jobmod
 from .client import ChatClient
-from .errors import BadImageError, CaptionError, FatalError, RateLimitError, TransientError
+from .errors import BadImageError, BadOutputError, CaptionError, FatalError, RateLimitError, TransientError
 from .job import Job
 from .limits import Limiter
 from .records import ChatResult, Encoded, Result, Source
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 WALK_BATCH = 256  # paths taken from the walker thread at a time
 TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
 LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
+BAD_OUTPUT_ATTEMPTS = 2  # an unusable answer (empty, not the JSON asked for) is asked for once more
 RATE_LIMIT_PATIENCE = 10  # an image ends as rate_limited only after this × max_attempts 429s
 DEDUP_CACHE = 4096  # recent ok rows kept to answer duplicates without a disk scan
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
@@ -311,7 +312,7 @@ class _Run:
         attempts, latency_s = 0, 0.0
         retrying = AsyncRetrying(
             stop=self._retry_stop,
-            retry=retry_if_exception_type((RateLimitError, TransientError)),
+            retry=retry_if_exception_type((RateLimitError, TransientError, BadOutputError)),
             wait=self._retry_wait,
             before_sleep=self._before_retry,
             reraise=True,
@@ -323,11 +324,12 @@ class _Run:
                     started = time.monotonic()
                     chat = await self._attempt(data_url, tokens)
                     latency_s = time.monotonic() - started
+                    fields = answers.parse_fields(self.job, chat.text)
         except FatalError:
             raise
         except CaptionError as err:
             return self._error_row(source, encoded, err, attempts=attempts)
-        return self._ok_row(source, encoded, chat, attempts=attempts, latency_s=latency_s)
+        return self._ok_row(source, encoded, chat, fields, attempts=attempts, latency_s=latency_s)
 
     async def _attempt(self, data_url: str, tokens: int) -> ChatResult:
         """One request through the limiter's gates; its slot is freed before any retry wait."""
@@ -361,8 +363,11 @@ class _Run:
         into error rows, but it should not loop for ever on a server that only says 429 either.
         """
         attempts = self.job.limits.max_attempts
-        if isinstance(state.outcome.exception(), RateLimitError):
+        error = state.outcome.exception()
+        if isinstance(error, RateLimitError):
             attempts *= RATE_LIMIT_PATIENCE
+        elif isinstance(error, BadOutputError):
+            attempts = min(attempts, BAD_OUTPUT_ATTEMPTS)
         return state.attempt_number >= attempts
 
     def _retry_wait(self, state: RetryCallState) -> float:
@@ -379,22 +384,12 @@ class _Run:
 
     # --- rows ------------------------------------------------------------------------------
 
-    def _ok_row(self, source: Source, encoded: Encoded, chat: ChatResult, *, attempts: int, latency_s: float) -> Result:
-        usage = chat.usage or cost.estimate_usage(encoded.sent_width, encoded.sent_height, self.job.image.detail,
-                                                  (self.job.prompt.system or "") + self.job.prompt.user, chat.text,
-                                                  model=self.job.endpoint.model)
+    def _ok_row(self, source: Source, encoded: Encoded, chat: ChatResult, fields: str | None, *, attempts: int,
+                latency_s: float) -> Result:
         return Result(
             **_image_fields(source, encoded, self.job.fingerprint),
+            **answers.answer_fields(self.job, chat, encoded.sent_width, encoded.sent_height, fields),
             status="ok",
-            model=chat.model or self.job.endpoint.model,
-            caption=chat.text,
-            finish_reason=chat.finish_reason,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            usage_source=usage.source,
             attempts=attempts,
             latency_ms=round(latency_s * 1000),
             request_id=chat.request_id,
@@ -408,6 +403,8 @@ class _Run:
             model=get("model"),
             caption=get("caption"),
             finish_reason=get("finish_reason"),
+            fields=get("fields"),
+            flags=answers.quality_flags(self.job, get("caption") or "", get("finish_reason")),
             prompt_tokens=0,
             completion_tokens=0,
             total_tokens=0,

@@ -66,6 +66,8 @@ SCHEMA = pa.schema(
         ("latency_ms", pa.int32()),
         ("request_id", pa.string()),
         ("dedup_of", pa.string()),
+        ("fields", pa.string()),
+        ("flags", pa.list_(pa.string())),
         ("job_fingerprint", pa.string()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
@@ -77,7 +79,7 @@ CONVERT_BATCH = 4096  # journal rows per Parquet row group
 _JOURNAL = re.compile(r"^_journal-(\d{5,})\.jsonl$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
-_COPIED = ("image_path", "model", "caption", "finish_reason")  # what a duplicate takes from its original
+_COPIED = ("image_path", "model", "caption", "finish_reason", "fields")  # what a duplicate takes from its original
 
 
 def key_hash(key: str) -> int:

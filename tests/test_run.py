@@ -191,14 +191,15 @@ def test_missing_usage_is_estimated_and_marked(server, caption, job_file, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "fault, kind",
-    [("413", "bad_request"), ("422", "bad_request"), ("empty", "bad_output")],
+    "fault, kind, attempts",
+    [("413", "bad_request", 1), ("422", "bad_request", 1), ("empty", "bad_output", 2)],
 )
-def test_per_image_failures_become_error_rows(server, caption, job_file, tmp_path, fault, kind):
-    server.fail_next(fault)
+def test_per_image_failures_become_error_rows(server, caption, job_file, tmp_path, fault, kind, attempts):
+    server.fail_next(fault, times=5)
     code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file())
     (row,) = _rows(tmp_path / "out")
-    assert code == 1 and (row["status"], row["error_kind"], row["attempts"]) == ("error", kind, 1)
+    assert code == 1 and (row["status"], row["error_kind"], row["attempts"]) == ("error", kind, attempts)
+    assert len(_chat_requests(server)) == attempts  # a 4xx is not asked again; an empty answer once more
 
 
 @pytest.mark.parametrize("fault", ["401", "403_quota", "404_model", "429_quota"])

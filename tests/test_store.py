@@ -41,6 +41,8 @@ EXPECTED_SCHEMA = pa.schema(
         ("latency_ms", pa.int32()),
         ("request_id", pa.string()),
         ("dedup_of", pa.string()),
+        ("fields", pa.string()),
+        ("flags", pa.list_(pa.string())),
         ("job_fingerprint", pa.string()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]

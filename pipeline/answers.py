@@ -1,0 +1,94 @@
+"""answers.py: what a chat answer becomes in a row, the same for the online and the batch driver.
+
+Owns three checks on an answer that arrived: its usage (reported, or estimated when the server
+sent none), its structured fields (parsed and checked against the job's JSON Schema; a failure
+is a `BadOutputError`, which the drivers retry once), and its quality flags (longer than
+`output.max_chars`, cut by max_tokens). Pure: no I/O, no network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from typing import Any
+
+from . import cost
+from .errors import BadOutputError
+from .job import Job
+from .records import ChatResult, Usage
+
+__all__ = ["answer_fields", "parse_fields", "quality_flags"]
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL | re.IGNORECASE)
+
+
+def parse_fields(job: Job, text: str) -> str | None:
+    """The answer's JSON object as compact text, checked; None for a plain-text job.
+
+    A Markdown code fence around the JSON is tolerated (json_object servers often add one).
+    Raises BadOutputError naming what is wrong: not JSON, not an object, or where the schema fails.
+    """
+    structured = job.structured
+    if structured.format == "text":
+        return None
+    fenced = _FENCE.match(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except ValueError as err:
+        raise BadOutputError(f"answer is not JSON ({err.msg} at character {err.pos}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise BadOutputError(f"answer is JSON but not an object: {text[:80]!r}")
+    if structured.schema:
+        error = _validator(json.dumps(structured.schema, sort_keys=True)).best_match_error(value)
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "top level"
+            raise BadOutputError(f"answer does not match the schema at {where}: {error.message}")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Validator:
+    def __init__(self, schema: dict[str, Any]):
+        import jsonschema  # imported with the first structured answer only
+
+        self._validator = jsonschema.validators.validator_for(schema)(schema)
+        self._best_match = jsonschema.exceptions.best_match
+
+    def best_match_error(self, value: Any):
+        return self._best_match(self._validator.iter_errors(value))
+
+
+@functools.lru_cache(maxsize=8)
+def _validator(schema_json: str) -> _Validator:
+    return _Validator(json.loads(schema_json))
+
+
+def quality_flags(job: Job, text: str, finish_reason: str | None) -> tuple[str, ...] | None:
+    """Flags for a caption that arrived but may not be fit for use; None when there are none."""
+    flags = []
+    if job.output.max_chars is not None and len(text) > job.output.max_chars:
+        flags.append("over_max_chars")
+    if finish_reason == "length":
+        flags.append("length")
+    return tuple(flags) or None
+
+
+def answer_fields(job: Job, chat: ChatResult, sent_width: int, sent_height: int, fields: str | None) -> dict[str, Any]:
+    """The row fields an ok answer fills: model, caption, finish, usage, fields, flags."""
+    prompt = job.prompt
+    usage: Usage = chat.usage or cost.estimate_usage(sent_width, sent_height, job.image.detail,
+                                                     (prompt.system or "") + prompt.user, chat.text,
+                                                     model=job.endpoint.model)
+    return {
+        "model": chat.model or job.endpoint.model,
+        "caption": chat.text,
+        "finish_reason": chat.finish_reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "usage_source": usage.source,
+        "fields": fields,
+        "flags": quality_flags(job, chat.text, chat.finish_reason),
+    }
