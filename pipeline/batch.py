@@ -56,7 +56,7 @@ import tqdm
 
 from . import answers, images
 from . import job as jobmod
-from .client import build_payload, classify_response, parse_batch_response
+from .client import build_payload, classify_response, parse_batch_response, wants_max_completion_tokens
 from .errors import (
     BadImageError,
     BadOutputError,
@@ -69,7 +69,7 @@ from .errors import (
 from .job import Job
 from .records import ChatResult, Encoded, Result, Source
 from .runner import RunSummary
-from .store import Store, iter_rows, key_hash
+from .store import OutFolderLock, Store, iter_rows, key_hash
 from .walker import walk_images
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "cancel_batches",
     "ingest_outputs",
     "load_run_job",
+    "open_chunks",
     "prepare_requests",
     "run_batch",
     "run_input",
@@ -90,6 +91,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "_batch"
 RUN_FILE = "_run.json"
+TOKEN_PARAM_FILE = "_token_param"  # holds "max_completion_tokens" once the server asked for it
 CRASH_ENV = "CAPTION_TEST_CRASH_AT"
 """Test seam: `CAPTION_TEST_CRASH_AT=<step>` ends the process with os._exit(137) at that named step
 (`writing`, `uploaded`, `created`, `polling`, `collecting`), as a kill -9 would."""
@@ -169,27 +171,34 @@ class _State:
         self.ledger: dict[int, int] = {}  # key hash → -1 live, 0 ended, n > 0 retry after n attempts
 
     @classmethod
-    def open(cls, out: Path, job: Job, input_path: Path | None) -> _State:
+    def open(cls, out: Path, job: Job, input_path: Path | None, *, writable: bool = True) -> _State:
+        """The state of `out`. Writable (the caller holds the out folder's lock): record the run and
+        clear what a dead run left half-written; read-only (status): touch nothing."""
         folder = out / STATE_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         run_file = folder / RUN_FILE
-        run = json.loads(run_file.read_text("utf-8")) if run_file.exists() else {}
+        try:
+            run = json.loads(run_file.read_text("utf-8")) if run_file.exists() else {}
+        except (OSError, ValueError) as err:
+            raise JobError(f"{run_file}: unreadable ({err}); move {folder} aside to start the batch run afresh") \
+                from None
         if not run:
             run = {"run_id": secrets.token_hex(6), "created_at": time.time()}
-        if input_path is not None:
-            run["input"] = str(input_path.resolve())
-        run["job"] = jobmod.job_summary(job)
-        _write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
+        if writable:
+            folder.mkdir(parents=True, exist_ok=True)
+            if input_path is not None:
+                run["input"] = str(input_path.resolve())
+            run["job"] = jobmod.job_summary(job)
+            _write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
         state = cls(folder, run["run_id"])
-        state._load()
+        state._load(writable)
         return state
 
-    def _load(self) -> None:
+    def _load(self, writable: bool) -> None:
         for path in sorted(self.folder.glob("chunk-*.json")):
             record = ChunkRecord(**json.loads(path.read_text("utf-8")))
             self.records[record.name] = record
         for path in self.folder.glob("chunk-*.jsonl"):  # written by a run that died before the record
-            if path.name.split(".")[0] not in self.records:
+            if writable and path.name.split(".")[0] not in self.records:
                 path.unlink()
         for record in self.records.values():
             self.enter_ledger(record)
@@ -354,6 +363,7 @@ class _LineOutcome:
 
     custom_id: str
     row: Result | None
+    switch_tokens: bool = False  # the server wants max_completion_tokens: resend this line with it
 
 
 def read_output_line(job: Job, raw: bytes, index: dict[str, _IndexEntry]) -> _LineOutcome | None:
@@ -388,6 +398,8 @@ def read_output_line(job: Job, raw: bytes, index: dict[str, _IndexEntry]) -> _Li
         return _LineOutcome(entry.custom_id, _row(job, entry.key, entry.image, entry.attempts, err=err,
                                                   request_id=line_id))
     except CaptionError as err:  # bad request, bad output; a fatal class here concerns this line only
+        if wants_max_completion_tokens(err) and retry_left:
+            return _LineOutcome(entry.custom_id, None, switch_tokens=True)
         return _LineOutcome(entry.custom_id, _row(job, entry.key, entry.image, entry.attempts, err=err,
                                                   request_id=line_id))
     return _LineOutcome(entry.custom_id, _row(job, entry.key, entry.image, entry.attempts, chat=chat,
@@ -488,6 +500,8 @@ class _Driver:
             self._bar = tqdm.tqdm(unit="req", dynamic_ncols=True, file=sys.stderr)
         self._last_log = 0.0
         self._first_walk = True  # "already done" is counted on the first walk only
+        token_file = state.folder / TOKEN_PARAM_FILE
+        self.token_param = token_file.read_text().strip() if token_file.exists() else "max_tokens"
 
     async def main(self, detach: bool) -> None:
         try:
@@ -604,7 +618,7 @@ class _Driver:
                     self.record_row(_row(self.job, source.key, {}, 0, err=encoded))
                     self.state.ledger[key_hash(source.key)] = 0
                     continue
-                line = request_line(self.job, source.key, encoded)
+                line = request_line(self.job, source.key, encoded, self.token_param)
                 if writer is not None and not writer.fits(line):
                     await self.close_and_submit(writer)
                     writer = None
@@ -632,8 +646,12 @@ class _Driver:
         while True:
             try:
                 ended = 0
-                for record in live:
-                    ended += await self.poll_once(record)
+                for name in [r.name for r in live]:
+                    record = self.state.records[name]  # the current record: a pass may have moved it on
+                    if record.state in ("submitted", "collecting"):  # collecting: a collection cut short
+                        ended += await self.poll_once(record)
+                    elif record.state == "collected":
+                        ended += 1
                 failures = 0
             except (TransientError, RateLimitError) as err:
                 failures += 1
@@ -661,6 +679,9 @@ class _Driver:
 
     async def collect(self, record: ChunkRecord, batch: dict[str, Any], *, recovering: bool) -> None:
         """Download an ended batch's files and write one row per answered image, exactly once."""
+        # A collection that was cut short (this process or an earlier one) is redone without
+        # writing again the rows it had written.
+        recovering = recovering or self.state.records[record.name].state == "collecting"
         record = dataclasses.replace(record, state="collecting", status=batch.get("status"),
                                      counts=batch.get("request_counts"))
         self.state.save(record)
@@ -689,12 +710,22 @@ class _Driver:
             return
         handled.add(outcome.custom_id)
         entry = index[outcome.custom_id]
+        if outcome.switch_tokens:
+            self._switch_token_param()
         if outcome.row is None:
             retries.append((entry.key, entry.attempts))
         elif (outcome.row.image_path, outcome.row.request_id) not in already:
             self.record_row(outcome.row)
             if len(handled) == 1:
                 _crash_point("collecting")
+
+    def _switch_token_param(self) -> None:
+        """Reasoning models refuse max_tokens: send max_completion_tokens from now on, in every run."""
+        if self.token_param != "max_completion_tokens":
+            self.token_param = "max_completion_tokens"
+            _write_atomic(self.state.folder / TOKEN_PARAM_FILE, self.token_param.encode())
+            log.warning("the server rejects max_tokens for %s; batch lines send max_completion_tokens from now on",
+                        self.job.endpoint.model)
 
     def _finish_collect(self, record: ChunkRecord, retries: list[tuple[str, int]], batch: dict[str, Any]) -> None:
         text = "".join(json.dumps({"key": k, "attempts": a}, ensure_ascii=False) + "\n" for k, a in retries)
@@ -781,6 +812,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
                 summary.fatal = str(err)
     finally:
         await asyncio.to_thread(store.close)
+        store.release()
         if server is not None:
             await asyncio.to_thread(server.stop)
     summary.wall_s = time.monotonic() - started
@@ -821,10 +853,22 @@ def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
     return jobmod.load_job(None, overrides)
 
 
+def open_chunks(out: Path) -> int:
+    """How many chunks of `out` are not collected yet (written, uploaded, with the provider)."""
+    count = 0
+    for path in (Path(out) / STATE_DIR).glob("chunk-*.json"):
+        try:
+            state = json.loads(path.read_text("utf-8")).get("state")
+        except (OSError, ValueError):
+            continue
+        count += state in _OPEN_STATES
+    return count
+
+
 async def batch_status(out: str | Path, job: Job, *, api_key: str | None, headers: dict[str, str],
                        refresh: bool = True) -> list[ChunkView]:
     """Every chunk of `out` with its batch's status and counts (fresh from the provider if `refresh`)."""
-    state = _State.open(Path(out), job, None)
+    state = _State.open(Path(out), job, None, writable=False)  # a run may be going on: read only
     views = []
     async with aiohttp.ClientSession() as session:
         api = BatchAPI(session, job.endpoint.base_url, api_key=api_key, headers=headers,
@@ -846,7 +890,15 @@ async def cancel_batches(out: str | Path, job: Job, *, api_key: str | None,
 
     Their finished lines are collected by the next run; the rest are sent again then.
     """
-    state = _State.open(Path(out), job, None)
+    lock = OutFolderLock(Path(out))  # not while a run is writing the same records
+    try:
+        return await _cancel_batches(Path(out), job, api_key=api_key, headers=headers)
+    finally:
+        lock.release()
+
+
+async def _cancel_batches(out: Path, job: Job, *, api_key: str | None, headers: dict[str, str]) -> list[str]:
+    state = _State.open(out, job, None)
     cancelled = []
     async with aiohttp.ClientSession() as session:
         api = BatchAPI(session, job.endpoint.base_url, api_key=api_key, headers=headers,
@@ -934,6 +986,7 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
                         summary.error_kinds[kind] = summary.error_kinds.get(kind, 0) + 1
     finally:
         store.close()
+        store.release()
     return summary
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "parse_duration",
     "parse_usage",
     "parse_rate_info",
+    "wants_max_completion_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -515,7 +516,7 @@ class ChatClient:
             try:
                 return await self._send(payload)
             except BadRequestError as err:
-                if token_param != "max_tokens" or not _wants_max_completion_tokens(err):
+                if token_param != "max_tokens" or not wants_max_completion_tokens(err):
                     raise
                 if self.token_param == "max_tokens":
                     self.token_param = "max_completion_tokens"
@@ -555,6 +556,7 @@ class ChatClient:
         return state.result(request_id)
 
 
-def _wants_max_completion_tokens(err: BadRequestError) -> bool:
+def wants_max_completion_tokens(err: CaptionError) -> bool:
+    """True for the 400 reasoning models give to `max_tokens` ("Use 'max_completion_tokens' instead")."""
     text = err.message.lower()
     return "max_tokens" in text and "max_completion_tokens" in text

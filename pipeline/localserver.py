@@ -981,6 +981,7 @@ class LocalServer:
         self._batch_outcomes: deque[tuple[str, int | None]] = deque()
         self._line_faults: deque[str] = deque()
         self._shuffle_output = True
+        self._retrieve_faults: list[int] = [0, 0]  # [ended-batch retrieves to let through, then to fail]
         self._batch_tasks: set[asyncio.Task[Any]] = set()
         # loop-thread state: touched only by the server thread once it runs
         self._thread: threading.Thread | None = None
@@ -1163,6 +1164,7 @@ class LocalServer:
             self._batch_outcomes.clear()
             self._line_faults.clear()
             self._shuffle_output = True
+            self._retrieve_faults = [0, 0]
 
     def observed(self) -> list[Observed]:
         """Return a copy of the observations of every chat request, in arrival order.
@@ -1295,6 +1297,11 @@ class LocalServer:
         with self._lock:
             self._line_faults.extend([fault] * times)
 
+    def fail_ended_retrieves(self, times: int = 1, *, after: int = 0) -> None:
+        """Answer 503 to `times` retrieves of an ended batch, after letting `after` of them through."""
+        with self._lock:
+            self._retrieve_faults = [after, times]
+
     def shuffle_batch_output(self, shuffle: bool) -> None:
         """Write output and error files in random order (the default, as OpenAI does not promise
         an order) or in input order."""
@@ -1361,7 +1368,18 @@ class LocalServer:
 
     async def _handle_batch_get(self, request: web.Request) -> web.Response:
         job, failure = self._batch_or_error(request)
-        return failure or _json_response(200, job.as_object(), {"x-request-id": _new_id("req_")})
+        if failure:
+            return failure
+        body = job.as_object()
+        with self._lock:
+            if body["status"] in ("completed", "failed", "expired", "cancelled") and self._retrieve_faults[1]:
+                if self._retrieve_faults[0]:
+                    self._retrieve_faults[0] -= 1
+                else:
+                    self._retrieve_faults[1] -= 1
+                    return _json_response(503, _error_body("The server is overloaded.", "server_error"),
+                                          {"x-request-id": _new_id("req_")})
+        return _json_response(200, body, {"x-request-id": _new_id("req_")})
 
     async def _handle_batch_list(self, request: web.Request) -> web.Response:
         headers = {"x-request-id": _new_id("req_")}

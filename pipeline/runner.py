@@ -38,7 +38,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from . import answers, cost, images, job as jobmod
 from .client import ChatClient
-from .errors import BadImageError, BadOutputError, CaptionError, FatalError, RateLimitError, TransientError
+from .errors import BadImageError, BadOutputError, CaptionError, FatalError, JobError, RateLimitError, TransientError
 from .job import Job
 from .limits import Limiter
 from .records import ChatResult, Encoded, Result, Source
@@ -105,17 +105,22 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
 
         return await run_batch(job, input_path, out, api_key=api_key, headers=headers,
                                allow_job_change=allow_job_change, progress=progress, detach=detach)
+    from .batch import open_chunks  # batch.py imports this module: a late import breaks the cycle
+
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
-    done, sent_shas = await asyncio.to_thread(store.resume_index)
     server = None
-    base_url = job.endpoint.base_url
-    if base_url == jobmod.LOCAL_BASE_URL:
-        from .localserver import LocalServer  # the demo endpoint, started only when asked for
-
-        server = LocalServer()
-        base_url = await asyncio.to_thread(server.start)
     try:
+        if live := open_chunks(store.out):
+            raise JobError(f"{out}: {live} batch chunk(s) are still with the provider; sending their images "
+                           f"online too would pay twice. Run `caption batch collect {out}` (or cancel them)")
+        done, sent_shas = await asyncio.to_thread(store.resume_index)
+        base_url = job.endpoint.base_url
+        if base_url == jobmod.LOCAL_BASE_URL:
+            from .localserver import LocalServer  # the demo endpoint, started only when asked for
+
+            server = LocalServer()
+            base_url = await asyncio.to_thread(server.start)
         runner = _Run(job, Path(input_path), store, done, sent_shas, progress)
         if handle_signals:
             runner.install_signal_handlers()
@@ -123,6 +128,7 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+        store.release()
 
 
 class _Run:

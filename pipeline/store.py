@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import itertools
 import json
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 from .errors import JobError
 from .records import Result
 
-__all__ = ["SCHEMA", "Store", "key_hash", "iter_rows"]
+__all__ = ["SCHEMA", "Store", "OutFolderLock", "key_hash", "iter_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ SCHEMA = pa.schema(
 """One row per image attempt that ended. Change it here and in tests/test_store.py, deliberately."""
 
 JOB_FILE = "_job.json"
+LOCK_FILE = "_lock"
 CONVERT_BATCH = 4096  # journal rows per Parquet row group
+INDEX_BATCH = 8192  # rows per batch when the resume index is read: a small, fixed transient
 _JOURNAL = re.compile(r"^_journal-(\d{5,})\.jsonl$")
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
@@ -106,6 +109,7 @@ class Store:
         self._segment = 0
         self._rows_in_segment = 0
         self._opened_at = time.monotonic()
+        self._lock: OutFolderLock | None = None
 
     @classmethod
     def open(cls, out: str | Path, job_summary: dict[str, Any], *, part_rows: int, part_seconds: float,
@@ -115,12 +119,29 @@ class Store:
         Raises JobError when `out` belongs to another job fingerprint and `allow_other_job` is false.
         """
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        fingerprint = job_summary["fingerprint"]
-        _check_job_file(out, job_summary, allow_other_job)
-        store = cls(out, fingerprint, part_rows=part_rows, part_seconds=part_seconds)
-        store.recover()
+        if out.exists() and not out.is_dir():
+            raise JobError(f"{out}: --out names a file; give a folder (new or from an earlier run)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JobError(f"{out}: cannot create the out folder: {err.strerror or err}") from None
+        lock = OutFolderLock(out)
+        try:
+            fingerprint = job_summary["fingerprint"]
+            _check_job_file(out, job_summary, allow_other_job)
+            store = cls(out, fingerprint, part_rows=part_rows, part_seconds=part_seconds)
+            store._lock = lock
+            store.recover()
+        except BaseException:
+            lock.release()
+            raise
         return store
+
+    def release(self) -> None:
+        """Let other processes open the folder (call after `close`, when the run is over)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def recover(self) -> None:
         """Turn every journal segment left by an earlier run into its part; remove temp files."""
@@ -193,6 +214,7 @@ class Store:
             _fsync_path(self.out)
         journal.unlink()
         _fsync_path(self.out)
+        pa.default_memory_pool().release_unused()  # hand the conversion's buffers back: RSS stays flat
         return part if writer is not None else None
 
     def close(self) -> None:
@@ -215,7 +237,7 @@ class Store:
         """
         done: set[int] = set()
         shas: set[int] = set()
-        for batch in iter_rows(self.out, columns=["image_path", "status", "image_sha256"]):
+        for batch in iter_rows(self.out, columns=["image_path", "status", "image_sha256"], batch_size=INDEX_BATCH):
             for path, status, sha in zip(batch["image_path"], batch["status"], batch["image_sha256"]):
                 if status == "ok":
                     done.add(key_hash(path))
@@ -243,7 +265,45 @@ class Store:
         return found
 
 
-def iter_rows(out: str | Path, columns: list[str]) -> Iterator[dict[str, list]]:
+class OutFolderLock:
+    """An exclusive lock on an out folder for one process: two runs on one folder would each
+    recover (and so delete) the other's open journal, and pay twice for the same images.
+
+    flock(2) on `OUT/_lock`: the kernel drops it when the process dies, so a kill -9 leaves no
+    stale lock. Re-entrant within a process (the batch driver opens the store and its own state).
+    """
+
+    _held: dict[Path, list] = {}  # resolved folder → [fd, count]
+
+    def __init__(self, out: Path):
+        self._key = Path(out).resolve()
+        held = self._held.get(self._key)
+        if held is not None:
+            held[1] += 1
+            return
+        fd = os.open(self._key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise JobError(f"{out}: in use by another caption process (pid {pid}); let it finish or stop it, "
+                           "then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._held[self._key] = [fd, 1]
+
+    def release(self) -> None:
+        held = self._held.get(self._key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self._key]
+            os.close(held[0])  # closing the descriptor drops the flock
+
+
+def iter_rows(out: str | Path, columns: list[str], *, batch_size: int = 65_536) -> Iterator[dict[str, list]]:
     """Yield the out folder's rows, parts in order, a record batch at a time, as column lists.
 
     A column that a part lacks (written by an older version) comes back as nulls.
@@ -253,7 +313,7 @@ def iter_rows(out: str | Path, columns: list[str]) -> Iterator[dict[str, list]]:
     for _, part in parts:
         handle = pq.ParquetFile(part)
         present = [c for c in columns if c in handle.schema_arrow.names]
-        for batch in handle.iter_batches(columns=present, batch_size=65_536):
+        for batch in handle.iter_batches(columns=present, batch_size=batch_size):
             rows = batch.to_pydict()
             yield {c: rows[c] if c in rows else [None] * batch.num_rows for c in columns}
 

@@ -240,3 +240,36 @@ def test_server_lists_batches_newest_first_in_pages(server, folder, tmp_path):
                 after = page["last_id"]
 
     assert asyncio.run(scenario()) == [["2", "1"], ["0"]]
+
+
+def test_reasoning_model_lines_are_resent_with_max_completion_tokens(server, folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--model", "local-reasoning-mini", "--batch-max-requests", "2")) == 0
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD) and {r["status"] for r in rows} == {"ok"}
+    assert all(r["reasoning_tokens"] for r in rows)
+    assert (out / "_batch" / "_token_param").read_text() == "max_completion_tokens"
+    # All three chunks went out before the first came back refused; each line was sent once more.
+    assert [b.lines for b in server.batches()] == [2, 2, 1, 2, 2, 1]
+    assert {r["attempts"] for r in rows} == {2}
+
+
+def test_a_failed_poll_after_a_collection_does_not_collect_it_again(server, folder, tmp_path):
+    # Chunk 1 ends and is collected; polling chunk 2 then fails once: the next pass must not
+    # collect chunk 1 a second time.
+    server.set_batch_delay(0.05)
+    server.fail_ended_retrieves(1, after=1)
+    out = tmp_path / "out"
+    assert main(_argv(folder, out, server, "--batch-max-requests", "3")) == 0
+    rows = _rows(out)
+    assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each, none twice
+
+
+def test_an_online_run_waits_for_live_batches_instead_of_paying_twice(server, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    server.set_batch_delay(60)
+    assert main(_argv(folder, out, server, "--detach")) == 0
+    online = [a for a in _argv(folder, out, server) if a not in ("--mode", "batch")]
+    assert main(online) == 2
+    assert "still with the provider" in capsys.readouterr().err
+    assert server.observed() == []  # no chat request was sent

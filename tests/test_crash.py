@@ -108,3 +108,18 @@ def test_sigterm_is_handled_like_ctrl_c(server, folder, tmp_path):
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
     assert not list(out.glob("_journal-*"))
+
+
+def test_a_second_process_on_the_same_out_folder_is_refused(server, folder, tmp_path):
+    from pipeline.store import OutFolderLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = OutFolderLock(out)  # this test process is "the run in progress"
+    try:
+        process = _start(folder, out, server)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        lock.release()
+    assert process.returncode == 2 and f"in use by another caption process (pid {os.getpid()})" in stderr
+    assert server.observed() == []

@@ -86,7 +86,7 @@ def test_rotation_makes_numbered_parts_and_no_journal_is_left(tmp_path):
         if store.should_rotate():
             store.convert(store.rotate())
     store.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json", "part-00001.parquet", "part-00002.parquet",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json", "_lock", "part-00001.parquet", "part-00002.parquet",
                                                           "part-00003.parquet"]
     assert [r["image_path"] for r in _all_rows(tmp_path)] == [f"{i}.jpg" for i in range(5)]
 
