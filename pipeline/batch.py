@@ -791,6 +791,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
                        "start `caption serve` and pass --base-url http://127.0.0.1:8000/v1")
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+    store.keep_out(api_key, *headers.values())
     summary = BatchSummary(out=out, detached=detach)
     started = time.monotonic()
     try:
@@ -802,7 +803,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
 
             server = LocalServer()
             base_url = await asyncio.to_thread(server.start)
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(trust_env=True) as session:
             api = BatchAPI(session, base_url, api_key=api_key, headers=headers, timeout_s=job.limits.timeout_s)
             driver = _Driver(job, Path(input_path) if input_path is not None else None, store, state, api,
                              summary, progress)
@@ -870,7 +871,7 @@ async def batch_status(out: str | Path, job: Job, *, api_key: str | None, header
     """Every chunk of `out` with its batch's status and counts (fresh from the provider if `refresh`)."""
     state = _State.open(Path(out), job, None, writable=False)  # a run may be going on: read only
     views = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(trust_env=True) as session:
         api = BatchAPI(session, job.endpoint.base_url, api_key=api_key, headers=headers,
                        timeout_s=job.limits.timeout_s)
         for record in state.records.values():
@@ -900,7 +901,7 @@ async def cancel_batches(out: str | Path, job: Job, *, api_key: str | None,
 async def _cancel_batches(out: Path, job: Job, *, api_key: str | None, headers: dict[str, str]) -> list[str]:
     state = _State.open(out, job, None)
     cancelled = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(trust_env=True) as session:
         api = BatchAPI(session, job.endpoint.base_url, api_key=api_key, headers=headers,
                        timeout_s=job.limits.timeout_s)
         for record in state.open_records():

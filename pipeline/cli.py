@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug: one line, the traceback only with --debug
         if args.debug:
             raise
-        print(f"caption: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"caption: internal error: {type(err).__name__}: {_scrub(str(err))} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 
@@ -379,6 +379,12 @@ class _RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+def _scrub(text: str) -> str:
+    for secret in _SECRETS:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _redact(secret: str) -> None:

@@ -65,7 +65,14 @@ QUOTA_CODES = frozenset(
         "organization_usage_limit_exceeded",
         "billing_hard_limit_reached",
         "insufficient_user_quota",  # one-api/new-api gateways
+        "budget_exceeded",  # LiteLLM proxy budgets
+        "insufficient_credits",  # OpenRouter (HTTP 402)
     }
+)
+_QUOTA_MESSAGES = re.compile(
+    r"credit balance is too low|exceeded your current quota|budget has been exceeded|insufficient credits"
+    r"|quota exhausted|quota is not enough",
+    re.IGNORECASE,
 )
 _QUOTA_SUFFIX = "_spend_limit_exceeded"
 _TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
@@ -255,8 +262,10 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes | dic
     message, code = _error_text(error, body, status)
     request_id = headers.get("x-request-id") or headers.get("request-id")
     kw = {"status": status, "request_id": request_id}
-    if code in QUOTA_CODES or code.endswith(_QUOTA_SUFFIX):
+    if status == 402 or code in QUOTA_CODES or code.endswith(_QUOTA_SUFFIX) or _QUOTA_MESSAGES.search(message):
         return QuotaError(message, **kw)
+    if status == 200 and code.isdigit() and 400 <= int(code) < 500 and int(code) not in (408, 409, 429):
+        status = int(code)  # an error event carrying an HTTP code (vLLM): classify it as that status
     if status == 429 or (status == 200 and "rate_limit" in code):
         hinted = any(k.lower().startswith(("x-ratelimit-", "retry-after")) for k in headers)
         return RateLimitError(message, retry_after_s=_retry_after(headers, message), hinted=hinted, **kw)

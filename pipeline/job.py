@@ -45,6 +45,7 @@ LOCAL_BASE_URL = "local"
 """`base_url = "local"` starts the bundled endpoint in-process (see localserver.py)."""
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +384,15 @@ def resolve_headers(job: Job) -> dict[str, str]:
             raise JobError(f"{job.source}: [endpoint.headers] uses ${{{match.group(1)}}}, which is not set")
         return value
 
-    return {name: _ENV_REF.sub(expand, value) for name, value in job.endpoint.headers.items()}
+    headers = {}
+    for name, value in job.endpoint.headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise JobError(f"{job.source}: [endpoint.headers] {name!r} is not a valid HTTP header name")
+        value = _ENV_REF.sub(expand, value).strip()
+        if "\r" in value or "\n" in value:
+            raise JobError(f"{job.source}: [endpoint.headers] {name} has a line break in its value")
+        headers[name] = value
+    return headers
 
 
 def job_summary(job: Job) -> dict[str, Any]:

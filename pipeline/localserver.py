@@ -1071,9 +1071,11 @@ class LocalServer:
             ready.set()
             await self._stop_event.wait()
         finally:
-            for task in [*self._handlers, *self._batch_tasks]:  # "hang" and latency sleeps end now
+            pending = [*self._handlers, *self._batch_tasks]
+            for task in pending:  # "hang" and latency sleeps end now
                 task.cancel()
             await runner.cleanup()
+            await asyncio.gather(*pending, return_exceptions=True)  # let them finish cancelling
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)

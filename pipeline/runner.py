@@ -55,7 +55,15 @@ LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
 BAD_OUTPUT_ATTEMPTS = 2  # an unusable answer (empty, not the JSON asked for) is asked for once more
 RATE_LIMIT_PATIENCE = 10  # an image ends as rate_limited only after this × max_attempts 429s
 DEDUP_CACHE = 4096  # recent ok rows kept to answer duplicates without a disk scan
-_DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
+_DONE = object()
+
+
+class _InternalError(CaptionError):
+    kind = "internal"
+
+
+class _Stopped(Exception):
+    """The run is stopping: this image's request was not sent, and it gets no row."""  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
 @dataclass(slots=True)
@@ -109,6 +117,7 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
 
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+    store.keep_out(api_key, *headers.values())
     server = None
     try:
         if live := open_chunks(store.out):
@@ -179,7 +188,7 @@ class _Run:
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
         pool = concurrent.futures.ThreadPoolExecutor(self.image_workers, thread_name_prefix="caption-image")
         try:
-            async with aiohttp.ClientSession(connector=connector) as session:
+            async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
                 self.client = ChatClient(session, self.job, base_url, api_key=api_key, headers=headers,
                                          on_rate_info=self.limiter.observe)
                 await self._run_stages(pool)
@@ -200,13 +209,14 @@ class _Run:
         stopping = asyncio.create_task(self.stop.wait())
         try:
             await asyncio.wait([everything, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if everything.done():
-                everything.result()  # re-raises a bug in a stage
-            else:
+            failure = everything.exception() if everything.done() and not everything.cancelled() else None
+            if failure is not None:  # a stage died: stop, but let the requests in flight finish
+                log.error("a stage failed (%s: %s); stopping", type(failure).__name__, failure)
+                self.stop.set()
+            if not everything.done() or failure is not None:
                 await self._drain(feeders, workers)
-                for task in workers:
-                    if not task.cancelled() and task.exception() is not None:
-                        raise task.exception()
+            if failure is not None:
+                raise failure
         finally:
             for task in [*feeders, *workers, ticker, stopping]:
                 task.cancel()
@@ -219,8 +229,9 @@ class _Run:
         await asyncio.gather(*feeders, return_exceptions=True)
         while not self.encoded.empty():
             self.encoded.get_nowait()  # encoded but never sent: the next run takes them
-        for _ in workers:
-            self.encoded.put_nowait(_DONE)
+        for task in workers:
+            if not task.done():
+                self.encoded.put_nowait(_DONE)
         abandon = asyncio.create_task(self.abandon.wait())
         pending = set(workers)
         deadline = time.monotonic() + self.job.limits.grace_s
@@ -265,13 +276,20 @@ class _Run:
         while (item := await self.encoded.get()) is not _DONE:
             source, encoded = item
             try:
-                self._record(await self._caption_once(source, encoded))
+                result = await self._caption_once(source, encoded)
+            except _Stopped:
+                return
             except FatalError as err:
                 if not self.summary.fatal:
-                    self.summary.fatal = str(err)
-                    log.error("stopping: %s", err)
+                    self.summary.fatal = self.store.scrub(str(err))
+                    log.error("stopping: %s", self.summary.fatal)
                 self.stop.set()
                 return
+            except Exception as err:  # a bug or an unforeseen answer: this image's row says so, the run goes on
+                log.exception("internal error on %s", source.key)
+                result = self._error_row(source, encoded, _InternalError(f"{type(err).__name__}: {err}"),
+                                         attempts=0)
+            self._record(result)
 
     # --- one image -------------------------------------------------------------------------
 
@@ -338,8 +356,12 @@ class _Run:
         return self._ok_row(source, encoded, chat, fields, attempts=attempts, latency_s=latency_s)
 
     async def _attempt(self, data_url: str, tokens: int) -> ChatResult:
-        """One request through the limiter's gates; its slot is freed before any retry wait."""
-        permit = await self.limiter.acquire(tokens)
+        """One request through the limiter's gates; its slot is freed before any retry wait.
+
+        Raises _Stopped, sending nothing, when the run is stopping (Ctrl-C, a fatal error) before
+        or while this request waits for its turn.
+        """
+        permit = await self._acquire_unless_stopped(tokens)
         used = None
         try:
             chat = await self.client.complete(data_url)
@@ -352,6 +374,25 @@ class _Run:
             self.limiter.release(permit, used_tokens=used)
         self.limiter.on_success()
         return chat
+
+    async def _acquire_unless_stopped(self, tokens: int):
+        if self.stop.is_set():
+            raise _Stopped
+        acquire = asyncio.ensure_future(self.limiter.acquire(tokens))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([acquire, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        if acquire.cancelled() or not acquire.done():
+            raise _Stopped
+        permit = acquire.result()
+        if self.stop.is_set():
+            self.limiter.release(permit)
+            raise _Stopped
+        return permit
 
     def _request_tokens(self, encoded: Encoded) -> int:
         """What a request counts against TPM before it is sent: prompt estimate + max_tokens.
@@ -444,9 +485,12 @@ class _Run:
         """Every TICK_S: fsync the journal, roll a due part, refresh progress."""
         while True:
             await asyncio.sleep(TICK_S)
-            await asyncio.to_thread(self.store.sync)
-            if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
-                await asyncio.to_thread(self.store.convert, segment)
+            try:
+                await asyncio.to_thread(self.store.sync)
+                if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
+                    await asyncio.to_thread(self.store.convert, segment)
+            except OSError as err:  # disk full, say: rows stay in the journal, which the next run recovers
+                log.error("could not sync or roll the Parquet part: %s", err)
             self._progress.update()
 
 

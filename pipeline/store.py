@@ -110,6 +110,7 @@ class Store:
         self._rows_in_segment = 0
         self._opened_at = time.monotonic()
         self._lock: OutFolderLock | None = None
+        self._secrets: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, out: str | Path, job_summary: dict[str, Any], *, part_rows: int, part_seconds: float,
@@ -161,8 +162,23 @@ class Store:
             if m := _JOURNAL.match(path.name):
                 yield int(m.group(1)), path
 
+    def keep_out(self, *secrets: str | None) -> None:
+        """Never write these strings (an API key, header values): `scrub` blanks them."""
+        self._secrets = tuple(s for s in (*self._secrets, *secrets) if s and len(s) >= 4)
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret given to `keep_out` replaced by [redacted]."""
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
     def append(self, result: Result) -> None:
-        """Write one result to the journal and flush it to the OS (fsync happens in `sync`)."""
+        """Write one result to the journal and flush it to the OS (fsync happens in `sync`).
+
+        A server that echoes a key back in an error message does not get it into the Parquet.
+        """
+        if self._secrets and result.error:
+            result = dataclasses.replace(result, error=self.scrub(result.error))
         if self._file is None:
             self._segment += 1
             self._rows_in_segment = 0
@@ -237,11 +253,12 @@ class Store:
         """
         done: set[int] = set()
         shas: set[int] = set()
-        for batch in iter_rows(self.out, columns=["image_path", "status", "image_sha256"], batch_size=INDEX_BATCH):
-            for path, status, sha in zip(batch["image_path"], batch["status"], batch["image_sha256"]):
+        columns = ["image_path", "status", "image_sha256", "job_fingerprint"]
+        for batch in iter_rows(self.out, columns=columns, batch_size=INDEX_BATCH):
+            for path, status, sha, fingerprint in zip(*(batch[c] for c in columns)):
                 if status == "ok":
                     done.add(key_hash(path))
-                    if sha:
+                    if sha and fingerprint == self.fingerprint:  # another job's answer is not this one's
                         shas.add(key_hash(sha))
                 else:
                     done.discard(key_hash(path))
@@ -254,15 +271,23 @@ class Store:
         original is not in the runner's small cache. Safe to call from a worker thread.
         """
         found = None
-        for batch in iter_rows(self.out, columns=["image_sha256", "status", "dedup_of", *_COPIED]):
-            for i, (sha, status, dedup) in enumerate(zip(batch["image_sha256"], batch["status"], batch["dedup_of"])):
-                if sha == sha256 and status == "ok" and not dedup:
+        columns = ["image_sha256", "status", "dedup_of", "job_fingerprint", *_COPIED]
+        for batch in iter_rows(self.out, columns=columns):
+            for i, sha in enumerate(batch["image_sha256"]):
+                if sha == sha256 and self._is_original(batch["status"][i], batch["dedup_of"][i],
+                                                       batch["job_fingerprint"][i]):
                     found = {name: batch[name][i] for name in _COPIED}
-        if self._file is not None:
+        try:
             for row in _read_journal(self._journal_path(self._segment)):
-                if row.get("image_sha256") == sha256 and row["status"] == "ok" and not row.get("dedup_of"):
+                if row.get("image_sha256") == sha256 and self._is_original(row["status"], row.get("dedup_of"),
+                                                                          row.get("job_fingerprint")):
                     found = {name: row[name] for name in _COPIED}
+        except FileNotFoundError:
+            pass  # rotated and converted meanwhile: its rows were in the parts read above, or none yet
         return found
+
+    def _is_original(self, status: str, dedup_of: str | None, fingerprint: str | None) -> bool:
+        return status == "ok" and not dedup_of and fingerprint == self.fingerprint
 
 
 class OutFolderLock:

@@ -31,7 +31,7 @@ def walk_images(root: str | Path) -> Iterator[Source]:
     root = Path(root)
     if root.is_file():
         if root.suffix.lower() in IMAGE_EXTENSIONS:
-            yield Source(path=root, key=root.name)
+            yield Source(path=root, key=_printable(root.name))
         return
     seen: set[tuple[int, int]] = set()  # (device, inode) of folders entered: ends symlink loops
     # A stack of (folder, key prefix, names still to visit, which of them are folders).
@@ -45,7 +45,7 @@ def walk_images(root: str | Path) -> Iterator[Source]:
         if name in subfolders:
             stack.append((folder / name, f"{prefix}{name}/", *_list_folder(folder / name, seen)))
         else:
-            yield Source(path=folder / name, key=prefix + name)
+            yield Source(path=folder / name, key=_printable(prefix + name))
 
 
 def _list_folder(folder: Path, seen: set[tuple[int, int]]) -> tuple[list[str], set[str]]:
@@ -78,6 +78,17 @@ def _list_folder(folder: Path, seen: set[tuple[int, int]]) -> tuple[list[str], s
         return [], set()
     names.sort(reverse=True)
     return names, subfolders
+
+
+def _printable(key: str) -> str:
+    """The key as valid UTF-8: a name that is not (an old archive's Latin-1, say) reaches Python
+    with surrogate escapes, which no UTF-8 file can hold; they become `\\xe9`-style escapes.
+    The file is still opened by its real path."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -340,3 +341,31 @@ def test_when_the_sent_copy_fails_another_copy_is_sent(server, caption, job_file
     assert code == 1 and [o.status for o in _chat_requests(server)] == [400, 200]
     assert sorted((r["status"], r["dedup_of"] is not None) for r in rows) == [
         ("error", False), ("ok", False), ("ok", True)]
+
+
+def test_a_file_name_that_is_not_utf8_is_captioned_under_an_escaped_key(server, caption, job_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    latin1 = folder / os.fsdecode(b"caf\xe9.jpg")  # as an old Latin-1 archive unpacks on Linux
+    latin1.write_bytes((SAMPLES / "coffee_cup.jpg").read_bytes())
+    code, _, _ = caption(folder, tmp_path / "out", job_file())
+    (row,) = _rows(tmp_path / "out")
+    assert code == 0 and row["status"] == "ok" and row["image_path"] == "caf\\xe9.jpg"
+    assert caption(folder, tmp_path / "out", job_file())[0] == 0  # and a rerun skips it
+    assert len(_chat_requests(server)) == 1
+
+
+def test_header_values_with_line_breaks_stop_before_sending(server, caption, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTION_TEST_ORG", "org-1\r\nX-Evil: 1")
+    job = tmp_path / "job.toml"
+    job.write_text('[endpoint.headers]\nX-Org = "${CAPTION_TEST_ORG}"\n')
+    code, _, err = caption(_images(tmp_path), tmp_path / "out", job)
+    assert code == 2 and "line break" in err and _chat_requests(server) == []
+
+
+def test_a_copy_is_not_given_another_jobs_answer(server, caption, job_file, tmp_path):
+    assert caption(_copies(tmp_path, 1), tmp_path / "out", job_file())[0] == 0
+    _copies(tmp_path, 1, start=1)
+    code, _, _ = caption(tmp_path / "in", tmp_path / "out", job_file(), "--max-side", "128", "--allow-job-change")
+    assert code == 0 and len(_chat_requests(server)) == 2  # the new job asked for its own answer
+    assert all(r["dedup_of"] is None for r in _rows(tmp_path / "out"))
