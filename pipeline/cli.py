@@ -271,6 +271,7 @@ def _add_export_and_review(commands, common: argparse.ArgumentParser) -> None:
     review.add_argument("--input", metavar="DIR", type=Path, help="the image folder, for thumbnails")
     review.add_argument("--html", metavar="FILE", type=Path, help="where to write the page (default OUT/_review.html)")
     review.add_argument("--errors-first", action="store_true", help="list error rows before the others")
+    review.add_argument("--prices", metavar="FILE", help="a price file whose rows replace the bundled ones (for costs)")
     review.set_defaults(handler=_cmd_review)
 
 
@@ -296,7 +297,10 @@ def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 def _cmd_review(args: argparse.Namespace, argv: list[str]) -> int:
     from .review import write_review
 
-    summary = write_review(Path(args.out), input_dir=args.input, html_path=args.html, errors_first=args.errors_first)
+    from .estimate import load_prices
+
+    summary = write_review(Path(args.out), input_dir=args.input, html_path=args.html, errors_first=args.errors_first,
+                           prices=load_prices(args.prices))
     print(f"caption: review page of {summary.images} images ({summary.ok} ok, {summary.errors} error, "
           f"{summary.thumbnails} thumbnails) in {summary.html}; open it in a browser")
     return 0

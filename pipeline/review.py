@@ -35,7 +35,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from . import cost
 from .errors import BadImageError, JobError
+from .estimate import load_prices
 from .export import check_out_folder, iter_latest_rows, latest_positions, open_atomic, source_path
 from .images import encode_image
 from .job import ImageSettings
@@ -64,7 +66,7 @@ GENERATOR = '<meta name="generator" content="caption review">'
 """Marks a page this module wrote: an existing file without it is never overwritten."""
 
 _ROW_COLUMNS = ["status", "caption", "error_kind", "error", "model", "finish_reason", "prompt_tokens",
-                "completion_tokens", "total_tokens", "width", "height"]
+                "completion_tokens", "total_tokens", "cached_tokens", "mode", "width", "height"]
 _THUMB_SETTINGS = ImageSettings(max_side=THUMB_SIDE_PX, format="jpeg", quality=THUMB_QUALITY)
 
 
@@ -80,7 +82,8 @@ class ReviewSummary:
 
 
 def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | None = None,
-                 errors_first: bool = False, page_size: int = PAGE_SIZE) -> ReviewSummary:
+                 errors_first: bool = False, page_size: int = PAGE_SIZE,
+                 prices: cost.PriceTable | None = None) -> ReviewSummary:
     """Write the review page of `out` (by default `out/_review.html`); return what it holds.
 
     With `input_dir` (the folder `caption run` captioned) each card gets a thumbnail; without it the
@@ -99,7 +102,8 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
     with open_atomic(target, overwrite=True) as handle:
         handle.write(_HEAD.replace("{title}", html.escape(meta["title"])))
         handle.write('<script type="application/json" id="review-data">{"meta":' + _script_json(meta) + ',"rows":[')
-        for number, page_row in enumerate(_page_rows(rows, input_dir, counts)):
+        prices = prices if prices is not None else load_prices()
+        for number, page_row in enumerate(_page_rows(rows, input_dir, counts, prices)):
             handle.write(("," if number else "") + "\n" + _script_json(page_row))
         handle.write("\n]}</script>\n" + _TAIL)
     log.debug("review page of %d images in %s", counts["images"], target)
@@ -107,7 +111,8 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
                          errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
 
 
-def _page_rows(rows: Iterator[dict[str, Any]], input_dir: Path | None, counts: dict[str, int]) -> Iterator[dict]:
+def _page_rows(rows: Iterator[dict[str, Any]], input_dir: Path | None, counts: dict[str, int],
+               prices: cost.PriceTable) -> Iterator[dict]:
     """Yield the page's row objects, thumbnailing THUMB_BATCH images at a time in a thread pool."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
@@ -117,15 +122,25 @@ def _page_rows(rows: Iterator[dict[str, Any]], input_dir: Path | None, counts: d
                 counts["images"] += 1
                 counts["ok"] += row["status"] == "ok"
                 counts["thumbnails"] += thumb is not None
-                yield _page_row(row, thumb)
+                yield _page_row(row, thumb, _row_cost(row, prices))
 
 
-def _page_row(row: dict[str, Any], thumb: str | None) -> dict[str, Any]:
+def _page_row(row: dict[str, Any], thumb: str | None, usd: float | None) -> dict[str, Any]:
     """The object the page's JS reads for one image (short keys: 10,000 of them go in the file)."""
     return {"path": row["image_path"], "status": row["status"], "caption": row["caption"],
             "kind": row["error_kind"], "error": row["error"], "model": row["model"],
             "finish": row["finish_reason"], "tokens": row["total_tokens"], "prompt": row["prompt_tokens"],
-            "completion": row["completion_tokens"], "w": row["width"], "h": row["height"], "thumb": thumb}
+            "completion": row["completion_tokens"], "usd": usd, "w": row["width"], "h": row["height"],
+            "thumb": thumb}
+
+
+def _row_cost(row: dict[str, Any], prices: cost.PriceTable) -> float | None:
+    """What the row's tokens cost at its model's price in its mode; None when unknown."""
+    price = prices.find(row["model"] or "")
+    if price is None or row["prompt_tokens"] is None:
+        return None
+    return cost.cost_usd(price, row["mode"] or "online", row["prompt_tokens"], row["completion_tokens"] or 0,
+                         row["cached_tokens"] or 0)
 
 
 def _image_file(input_dir: Path | None, image_path: str) -> Path | None:
@@ -218,13 +233,16 @@ _SCRIPT = r"""
   var SORTS = {
     "path": byPath,
     "tokens-desc": function (a, b) { return (b.tokens || 0) - (a.tokens || 0) || byPath(a, b); },
-    "tokens-asc": function (a, b) { return (a.tokens || 0) - (b.tokens || 0) || byPath(a, b); }
+    "tokens-asc": function (a, b) { return (a.tokens || 0) - (b.tokens || 0) || byPath(a, b); },
+    "cost-desc": function (a, b) { return (b.usd || 0) - (a.usd || 0) || byPath(a, b); },
+    "cost-asc": function (a, b) { return (a.usd || 0) - (b.usd || 0) || byPath(a, b); }
   };
   var STATUSES = ["all", "ok", "error"];
   var state = readState();
 
   function $(id) { return document.getElementById(id); }
   function num(n) { return n === null || n === undefined ? "?" : Number(n).toLocaleString("en-US"); }
+  function usd(n) { return n === null || n === undefined ? "price unknown" : "$" + Number(n).toFixed(n < 0.01 ? 5 : 4); }
 
   // The view lives in the URL fragment: #status=error&q=cat&sort=tokens-desc&errors=first&page=2&per=50
   function readState() {
@@ -301,6 +319,7 @@ _SCRIPT = r"""
     if (row.tokens !== null && row.tokens !== undefined) {
       line.appendChild(el("span", "tokens", num(row.tokens) + " tokens (" + num(row.prompt) + " in, " +
                                             num(row.completion) + " out)", "tokens"));
+      line.appendChild(el("span", "cost", usd(row.usd), "cost"));
     }
     if (row.w && row.h) line.appendChild(el("span", "size", row.w + "×" + row.h));
     if (row.model) line.appendChild(el("span", "model", row.model, "model"));
@@ -312,16 +331,17 @@ _SCRIPT = r"""
   }
 
   function summary() {
-    var ok = 0, tokens = 0, models = {};
+    var ok = 0, tokens = 0, dollars = 0, models = {};
     rows.forEach(function (row) {
       if (row.status === "ok") ok += 1;
       tokens += row.tokens || 0;
+      dollars += row.usd || 0;
       if (row.model) models[row.model] = true;
     });
     var names = Object.keys(models).sort();
     function count(n, noun) { return num(n) + " " + noun + (n === 1 ? "" : "s"); }
     return count(rows.length, "image") + " · " + num(ok) + " ok · " + count(rows.length - ok, "error") + " · " +
-           count(tokens, "token") + (names.length ? " · " + names.join(", ") : "") + " · made " + meta.generated_at;
+           count(tokens, "token") + " · " + usd(dollars) + (names.length ? " · " + names.join(", ") : "") + " · made " + meta.generated_at;
   }
 
   function syncControls() {
@@ -379,7 +399,9 @@ _HEAD = (
     + '<input id="q" type="search" placeholder="Search path, caption, error" aria-label="Search">\n'
     + '<label>Sort <select id="sort"><option value="path">path</option>'
     + '<option value="tokens-desc">tokens, most first</option>'
-    + '<option value="tokens-asc">tokens, fewest first</option></select></label>\n'
+    + '<option value="tokens-asc">tokens, fewest first</option>'
+    + '<option value="cost-desc">cost, most first</option>'
+    + '<option value="cost-asc">cost, least first</option></select></label>\n'
     + '<label><input id="errors-first" type="checkbox"> errors first</label>\n'
     + '<button id="prev" type="button">‹ prev</button><span id="page"></span>'
     + '<button id="next" type="button">next ›</button>\n<span id="count"></span>\n'

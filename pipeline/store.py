@@ -145,10 +145,13 @@ class Store:
             self._lock = None
 
     def recover(self) -> None:
-        """Turn every journal segment left by an earlier run into its part; remove temp files."""
+        """Turn every journal segment left by an earlier run into its part; remove temp files;
+        bring parts written by an older version up to the current SCHEMA."""
         for stale in self.out.glob("_part-*.tmp"):
             stale.unlink()
         parts = {int(m.group(1)) for p in self.out.iterdir() if (m := _PART.match(p.name))}
+        for number in sorted(parts):
+            _upgrade_part(self.out, number)
         for number, path in sorted(self._journals()):
             if number in parts:
                 path.unlink()  # converted before the crash, not yet deleted
@@ -341,6 +344,26 @@ def iter_rows(out: str | Path, columns: list[str], *, batch_size: int = 65_536) 
         for batch in handle.iter_batches(columns=present, batch_size=batch_size):
             rows = batch.to_pydict()
             yield {c: rows[c] if c in rows else [None] * batch.num_rows for c in columns}
+
+
+def _upgrade_part(out: Path, number: int) -> None:
+    """Rewrite a part whose schema is not SCHEMA (columns added since), atomically.
+
+    Dataset readers take the schema of one part for all, so a folder mixing old and new parts
+    would silently lose the new columns in `pd.read_parquet("out/")`.
+    """
+    part = out / f"part-{number:05d}.parquet"
+    if pq.read_schema(part).equals(SCHEMA):
+        return
+    table = pq.read_table(part)
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+    tmp = out / f"_part-{number:05d}.tmp"
+    pq.write_table(pa.Table.from_arrays(columns, schema=SCHEMA), tmp, compression="zstd")
+    _fsync_path(tmp)
+    os.replace(tmp, part)
+    _fsync_path(out)
+    log.info("%s: brought up to the current schema", part.name)
 
 
 def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -> None:

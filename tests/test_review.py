@@ -300,3 +300,19 @@ def test_review_never_overwrites_a_file_it_did_not_write(reviewed, tmp_path, cap
     page = tmp_path / "page.html"
     assert main(["review", str(out), "--html", str(page)]) == 0
     assert main(["review", str(out), "--html", str(page)]) == 0  # its own page is regenerated
+
+
+def test_cards_show_their_cost_and_sort_by_it(chromium, reviewed, tmp_path):
+    from pipeline import cost
+
+    folder, out, _ = reviewed
+    prices = cost.parse_price_table('[models."local-caption"]\ninput = 1000.0\noutput = 4000.0\n'
+                                    'source = "test"\nas_of = "2026-11-26"\n', "test prices")
+    page = write_review(out, input_dir=folder, html_path=tmp_path / "priced.html", prices=prices).html
+    rendered = _render(chromium, page, tmp_path, "status=ok&sort=cost-desc")
+    latest = _latest(out)
+    usd = {p: (r["prompt_tokens"] * 1000 + r["completion_tokens"] * 4000) / 1e6 for p, r in latest.items()
+           if r["status"] == "ok"}
+    assert [c["@path"] for c in rendered.cards] == sorted(usd, key=lambda p: (-usd[p], p))
+    for card in rendered.cards:
+        assert card["cost"] == f"${usd[card['@path']]:.4f}"

@@ -161,3 +161,18 @@ def test_out_folder_reads_as_one_dataset_with_pandas_and_duckdb(tmp_path):
     assert sorted(pd.read_parquet(tmp_path)["image_path"]) == ["a.jpg", "b.jpg", "c.jpg"]
     count = duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/*.parquet')").fetchall()[0][0]
     assert count == 3
+
+
+def test_parts_from_an_older_schema_are_upgraded_so_readers_see_every_column(tmp_path):
+    import pandas as pd
+
+    old_schema = pa.schema([f for f in EXPECTED_SCHEMA if f.name not in ("dedup_of", "fields", "flags")])
+    old = pa.Table.from_pylist([{"image_path": "old.jpg", "status": "ok", "caption": "c", "attempts": 1,
+                                 "job_fingerprint": "f" * 16}], schema=old_schema)
+    pq.write_table(old, tmp_path / "part-00001.parquet")
+    store = _open(tmp_path)
+    store.append(_row("new.jpg"))
+    store.close()
+    assert all(pq.read_schema(p).equals(EXPECTED_SCHEMA) for p in tmp_path.glob("part-*.parquet"))
+    frame = pd.read_parquet(tmp_path)
+    assert {"dedup_of", "fields", "flags"} <= set(frame.columns) and len(frame) == 2
