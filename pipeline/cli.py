@@ -225,7 +225,9 @@ def _print_summary(summary, argv: list[str]) -> None:
     elif summary.interrupted:
         print(f"caption: interrupted; resume with: {resume}", file=sys.stderr)
     elif summary.errors:
-        print(f"caption: {summary.errors} images ended as error rows; rerunning retries them: {resume}",
+        rows = "1 image ended as an error row" if summary.errors == 1 else f"{summary.errors} images ended as error rows"
+        print(f"caption: {rows} (caption review {shlex.quote(str(summary.out))} shows each); "
+              f"rerunning retries them: {resume}",
               file=sys.stderr)
 
 

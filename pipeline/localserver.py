@@ -1022,7 +1022,7 @@ class LocalServer:
             error = self._startup_error
             self.stop()
             raise error
-        log.info("local server listening on %s", self.base_url)
+        log.debug("local server listening on %s", self.base_url)
         return self.base_url
 
     def stop(self) -> None:
