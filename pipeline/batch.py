@@ -69,7 +69,7 @@ from .errors import (
 from .job import Job
 from .records import ChatResult, Encoded, Result, Source
 from .runner import RunSummary
-from .store import OutFolderLock, Store, iter_rows, key_hash
+from .store import OutFolderLock, Store, iter_rows, key_hash, write_atomic
 from .walker import walk_images
 
 __all__ = [
@@ -188,7 +188,7 @@ class _State:
             if input_path is not None:
                 run["input"] = str(input_path.resolve())
             run["job"] = jobmod.job_summary(job)
-            _write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
+            write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
         state = cls(folder, run["run_id"])
         state._load(writable)
         return state
@@ -229,7 +229,7 @@ class _State:
     def save(self, record: ChunkRecord) -> None:
         """Replace the chunk's record atomically; the step it names is durable when this returns."""
         self.records[record.name] = record
-        _write_atomic(self.path(record.name, ".json"), json.dumps(dataclasses.asdict(record)).encode())
+        write_atomic(self.path(record.name, ".json"), json.dumps(dataclasses.asdict(record)).encode())
 
     def open_records(self) -> list[ChunkRecord]:
         return [r for r in self.records.values() if r.state in _OPEN_STATES]
@@ -245,24 +245,6 @@ def read_index(path: Path) -> Iterator[_IndexEntry]:
         for line in handle:
             item = json.loads(line)
             yield _IndexEntry(item["custom_id"], item["key"], item["attempts"], item["image"])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _crash_point(step: str) -> None:
@@ -723,13 +705,13 @@ class _Driver:
         """Reasoning models refuse max_tokens: send max_completion_tokens from now on, in every run."""
         if self.token_param != "max_completion_tokens":
             self.token_param = "max_completion_tokens"
-            _write_atomic(self.state.folder / TOKEN_PARAM_FILE, self.token_param.encode())
+            write_atomic(self.state.folder / TOKEN_PARAM_FILE, self.token_param.encode())
             log.warning("the server rejects max_tokens for %s; batch lines send max_completion_tokens from now on",
                         self.job.endpoint.model)
 
     def _finish_collect(self, record: ChunkRecord, retries: list[tuple[str, int]], batch: dict[str, Any]) -> None:
         text = "".join(json.dumps({"key": k, "attempts": a}, ensure_ascii=False) + "\n" for k, a in retries)
-        _write_atomic(self.state.path(record.name, ".retry.jsonl"), text.encode())
+        write_atomic(self.state.path(record.name, ".retry.jsonl"), text.encode())
         self.store.sync()
         self.state.save(dataclasses.replace(record, state="collected"))
         self.state.enter_ledger(self.state.records[record.name])

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from .errors import JobError
 from .records import Result
 
-__all__ = ["SCHEMA", "Store", "OutFolderLock", "key_hash", "iter_rows"]
+__all__ = ["SCHEMA", "Store", "OutFolderLock", "key_hash", "iter_rows", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -
         summary = {**summary, "fingerprints": [*fingerprints, summary["fingerprint"]]}
     else:
         summary = {**summary, "fingerprints": [summary["fingerprint"]]}
-    _write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+    write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 def _result_line(result: Result) -> str:
@@ -407,7 +407,8 @@ def _read_journal(path: Path) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a temp file beside it, fsync, rename, fsync the folder."""
     tmp = path.with_name(f"_{path.name}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)

@@ -23,22 +23,6 @@ IMAGES = {  # name in the input folder -> sample file; corrupt.jpg ends as an er
     "corrupt.jpg": "corrupt.jpg",
 }
 OK_IMAGES = sorted(k for k in IMAGES if k != "corrupt.jpg")
-JOB = """
-[endpoint]
-base_url = "http://127.0.0.1:1/v1"
-model = "local-caption"
-[prompt]
-user = "Describe this image."
-max_tokens = 100
-[image]
-max_side = 256
-detail = "low"
-[limits]
-concurrency = 4
-max_attempts = 2
-timeout_s = 10
-retry_base_s = 0.01
-"""
 
 
 def _make_input(folder: Path, images: dict[str, str]) -> Path:
@@ -46,13 +30,6 @@ def _make_input(folder: Path, images: dict[str, str]) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SAMPLES / sample, folder / name)
     return folder
-
-
-def _caption_run(server, folder: Path, out: Path) -> int:
-    job = out.parent / "job.toml"
-    job.write_text(JOB)
-    return main(["run", str(folder), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
-                 "--no-progress"])
 
 
 def _append_rows(out: Path, *results: Result) -> None:
@@ -72,12 +49,12 @@ def _ok_row(out: Path, path: str, caption: str) -> Result:
 
 
 @pytest.fixture(scope="module")
-def captioned_template(local_server, tmp_path_factory) -> Path:
+def captioned_template(local_server, tmp_path_factory, caption_run) -> Path:
     """One real run, made once per module: in/ (4 images, one corrupt) and out/."""
     local_server.reset()
     root = tmp_path_factory.mktemp("captioned")
     folder = _make_input(root / "in", IMAGES)
-    assert _caption_run(local_server, folder, root / "out") == 1  # corrupt.jpg is an error row
+    assert caption_run(local_server, folder, root / "out") == 1  # corrupt.jpg is an error row
     return root
 
 
@@ -293,9 +270,9 @@ def test_bad_usage_is_one_line_and_exit_2(captioned, export, tmp_path, argv, mes
     assert {p for p in tmp_path.rglob("*")} == before
 
 
-def test_two_images_that_would_share_a_sidecar_are_refused(server, export, tmp_path):
+def test_two_images_that_would_share_a_sidecar_are_refused(server, export, tmp_path, caption_run):
     folder = _make_input(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "a.png": "horse_silhouette_1bit.png"})
-    assert _caption_run(server, folder, tmp_path / "out") == 0
+    assert caption_run(server, folder, tmp_path / "out") == 0
     code, _, stderr = export(tmp_path / "out", "--to", "txt", "--input", folder)
     assert code == 2 and "a.jpg and a.png would both write" in stderr
     assert not (folder / "a.txt").exists()

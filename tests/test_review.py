@@ -26,21 +26,6 @@ from pipeline.store import Store
 
 SAMPLES = Path(__file__).parent.parent / "sample_data"
 IMAGES = ["coffee_cup.jpg", "chelsea_the_cat.jpg", "horse_silhouette_1bit.png", "hubble_deep_field.jpg", "corrupt.jpg"]
-JOB = """
-[endpoint]
-base_url = "http://127.0.0.1:1/v1"
-model = "local-caption"
-[prompt]
-user = "Describe this image."
-max_tokens = 100
-[image]
-max_side = 256
-detail = "low"
-[limits]
-concurrency = 4
-max_attempts = 2
-timeout_s = 10
-"""
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 HOSTILE_NAME = "<img src=x onerror=\"document.title='pwned'\">.png"  # a legal file name on Linux
@@ -113,13 +98,6 @@ def _render(chromium: str, page: Path, tmp_path: Path, fragment: str = "") -> _P
 # --- out folders -----------------------------------------------------------------------------
 
 
-def _caption_run(server, folder: Path, out: Path) -> int:
-    job = out.parent / "job.toml"
-    job.write_text(JOB)
-    return main(["run", str(folder), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
-                 "--no-progress"])
-
-
 def _append_rows(out: Path, *results: Result) -> None:
     store = Store.open(out, json.loads((out / "_job.json").read_text()), part_rows=100_000, part_seconds=600)
     for result in results:
@@ -141,7 +119,7 @@ def _latest(out: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def reviewed(local_server, tmp_path_factory) -> tuple[Path, Path, Path]:
+def reviewed(local_server, tmp_path_factory, caption_run) -> tuple[Path, Path, Path]:
     """One real run over five images (one corrupt) and its review page with thumbnails: (in, out, page)."""
     local_server.reset()
     root = tmp_path_factory.mktemp("reviewed")
@@ -149,7 +127,7 @@ def reviewed(local_server, tmp_path_factory) -> tuple[Path, Path, Path]:
     folder.mkdir()
     for name in IMAGES:
         shutil.copyfile(SAMPLES / name, folder / name)
-    assert _caption_run(local_server, folder, root / "out") == 1
+    assert caption_run(local_server, folder, root / "out") == 1
     summary = write_review(root / "out", input_dir=folder)
     assert (summary.images, summary.ok, summary.errors, summary.thumbnails) == (5, 4, 1, 4)
     return folder, root / "out", summary.html
@@ -227,14 +205,14 @@ def test_errors_first_flag_sets_the_default_order(chromium, reviewed, tmp_path, 
     assert mixed == sorted(paths)
 
 
-def test_untrusted_text_is_shown_as_text_never_markup(chromium, server, tmp_path):
+def test_untrusted_text_is_shown_as_text_never_markup(chromium, server, tmp_path, caption_run):
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copyfile(SAMPLES / "chelsea_the_cat.jpg", folder / HOSTILE_NAME)
     shutil.copyfile(SAMPLES / "coffee_cup.jpg", folder / "cup.jpg")
     shutil.copyfile(SAMPLES / "brick_wall_grey.jpg", folder / "wall.jpg")
     out = tmp_path / "out"
-    assert _caption_run(server, folder, out) == 0
+    assert caption_run(server, folder, out) == 0
     _append_rows(out, _result(out, "cup.jpg", caption=HOSTILE_CAPTION, total_tokens=3),
                  _result(out, "wall.jpg", caption=HOSTILE_SCRIPT, total_tokens=2),
                  _result(out, "gone.jpg", status="error", error_kind="bad_request", error=HOSTILE_ERROR))

@@ -20,41 +20,6 @@ BAD_SAMPLES = {"corrupt.jpg"}
 
 
 @pytest.fixture
-def job_file(tmp_path):
-    """Write a job file for the test server; keyword overrides go in as `section_field=value`."""
-
-    def make(**overrides) -> Path:
-        sections: dict[str, dict] = {
-            "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "local-caption", "stream": True},
-            "prompt": {"user": "Describe this image.", "max_tokens": 100},
-            "image": {"max_side": 256, "detail": "low"},
-            "limits": {"concurrency": 4, "max_attempts": 3, "timeout_s": 10, "retry_base_s": 0.01,
-                       "retry_max_s": 2.0, "grace_s": 5},
-            "output": {"part_rows": 1000},
-        }
-        for key, value in overrides.items():
-            section, name = key.split("_", 1)
-            sections[section][name] = value
-        lines = []
-        for section, values in sections.items():
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-        path = tmp_path / "job.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    return make
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
-@pytest.fixture
 def caption(server, capsys):
     """Run `caption run` in-process against the test server; return (exit code, stdout, stderr)."""
 
