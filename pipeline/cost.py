@@ -343,7 +343,7 @@ class Price:
 
 _PRICE_FIELDS = {f.name for f in fields(Price)} - {"model"}
 _REQUIRED_PRICE_FIELDS = ("input", "output", "source", "as_of")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"^(\d{4}-\d{2}(-\d{2})?|unverified)$")  # a month or a day; "unverified" says so
 
 
 class PriceTable:
@@ -404,7 +404,7 @@ def _parse_price(name: str, row: Any, origin: str) -> Price:
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise JobError(f"{where} {key} must be a price in USD per 1M tokens (a number >= 0), not {value!r}")
     if not _DATE.match(row["as_of"]):
-        raise JobError(f"{where} as_of must be a date like 2026-01-31, not {row['as_of']!r}")
+        raise JobError(f"{where} as_of must be a date like 2026-01-31 or a month like 2026-01, not {row['as_of']!r}")
     numbers = {k: float(v) for k, v in row.items() if k not in ("source", "as_of", "note")}
     return Price(model=_model_key(name), source=row["source"], as_of=row["as_of"], note=row.get("note", ""),
                  **numbers)
