@@ -14,37 +14,48 @@ import re
 from typing import Any
 
 from . import cost
-from .errors import BadOutputError
+from .errors import BadOutputError, FatalError
 from .job import Job
 from .records import ChatResult, Usage
 
-__all__ = ["answer_fields", "parse_fields", "quality_flags"]
+__all__ = ["answer_fields", "billed_fields", "parse_fields", "quality_flags"]
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
 
-def parse_fields(job: Job, text: str) -> str | None:
+def parse_fields(job: Job, chat: ChatResult) -> str | None:
     """The answer's JSON object as compact text, checked; None for a plain-text job.
 
     A Markdown code fence around the JSON is tolerated (json_object servers often add one).
-    Raises BadOutputError naming what is wrong: not JSON, not an object, or where the schema fails.
+    Raises BadOutputError naming what is wrong: not JSON, not an object, or where the schema fails;
+    not worth asking again when the answer was cut by max_tokens. Raises FatalError when the
+    schema itself cannot be applied (a $ref to nowhere): no answer could pass.
     """
     structured = job.structured
     if structured.format == "text":
         return None
+    text = chat.text
     fenced = _FENCE.match(text)
     try:
         value = json.loads(fenced.group(1) if fenced else text)
     except ValueError as err:
-        raise BadOutputError(f"answer is not JSON ({err.msg} at character {err.pos}): {text[:80]!r}") from None
+        cut = chat.finish_reason == "length"
+        why = "cut by max_tokens before its JSON ended; raise max_tokens" if cut else \
+            f"not JSON ({err.msg} at character {err.pos})"
+        raise _bad(chat, f"answer is {why}: {text[:80]!r}", retryable=not cut) from None
     if not isinstance(value, dict):
-        raise BadOutputError(f"answer is JSON but not an object: {text[:80]!r}")
+        raise _bad(chat, f"answer is JSON but not an object: {text[:80]!r}")
     if structured.schema:
         error = _validator(json.dumps(structured.schema, sort_keys=True)).best_match_error(value)
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "top level"
-            raise BadOutputError(f"answer does not match the schema at {where}: {error.message}")
+            raise _bad(chat, f"answer does not match the schema at {where}: {error.message}")
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _bad(chat: ChatResult, message: str, *, retryable: bool = True) -> BadOutputError:
+    return BadOutputError(message, retryable=retryable, usage=chat.usage, finish_reason=chat.finish_reason,
+                          request_id=chat.request_id)
 
 
 class _Validator:
@@ -55,7 +66,11 @@ class _Validator:
         self._best_match = jsonschema.exceptions.best_match
 
     def best_match_error(self, value: Any):
-        return self._best_match(self._validator.iter_errors(value))
+        try:
+            return self._best_match(self._validator.iter_errors(value))
+        except Exception as err:  # an unresolvable $ref and the like: the schema, not the answer
+            raise FatalError(f"[structured.schema] cannot be applied to answers: {type(err).__name__}: {err}") \
+                from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,3 +107,14 @@ def answer_fields(job: Job, chat: ChatResult, sent_width: int, sent_height: int,
         "fields": fields,
         "flags": quality_flags(job, chat.text, chat.finish_reason),
     }
+
+
+def billed_fields(err: Exception) -> dict[str, Any]:
+    """The token counts of an answer that arrived but was unusable: error rows keep what was billed."""
+    usage = getattr(err, "usage", None)
+    if usage is None:
+        return {}
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens, "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens, "usage_source": usage.source,
+            "finish_reason": getattr(err, "finish_reason", None)}

@@ -135,6 +135,7 @@ class ChunkRecord:
     batch_id: str | None = None
     status: str | None = None  # the provider's last word
     counts: dict[str, int] | None = None  # request_counts as last seen
+    job: str | None = None  # the fingerprint of the job its requests were made for
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +165,10 @@ class _IndexEntry:
 class _State:
     """The OUT/_batch folder: run file, chunk records, and the ledger of keys they hold."""
 
-    def __init__(self, folder: Path, run_id: str):
+    def __init__(self, folder: Path, run_id: str, fingerprint: str):
         self.folder = folder
         self.run_id = run_id
+        self.fingerprint = fingerprint  # the job now running: other jobs' finished chunks do not end its images
         self.records: dict[str, ChunkRecord] = {}
         self.ledger: dict[int, int] = {}  # key hash → -1 live, 0 ended, n > 0 retry after n attempts
 
@@ -189,8 +191,12 @@ class _State:
                 run["input"] = str(input_path.resolve())
             run["job"] = jobmod.job_summary(job)
             write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
-        state = cls(folder, run["run_id"])
+        state = cls(folder, run["run_id"], job.fingerprint)
         state._load(writable)
+        other = sorted({r.job for r in state.open_records() if r.job not in (None, job.fingerprint)})
+        if writable and other:
+            raise JobError(f"{out}: batch chunks of another job ({', '.join(other)}) are still open; collect them "
+                           f"with that job (caption batch collect {out} --job ITS_FILE) or cancel them first")
         return state
 
     def _load(self, writable: bool) -> None:
@@ -206,6 +212,8 @@ class _State:
     def enter_ledger(self, record: ChunkRecord) -> None:
         """Note the keys of a chunk: live while open; once collected, ended or to be sent again."""
         ended = record.state == "collected"
+        if ended and record.job not in (None, self.fingerprint):
+            return  # another job's answers: this job still has to ask for its own
         for entry in read_index(self.path(record.name, ".index.jsonl")):
             self.ledger[key_hash(entry.key)] = 0 if ended else -1
         if ended:
@@ -328,12 +336,12 @@ def _row(job: Job, key: str, facts: dict[str, Any], attempts: int, *, chat: Chat
     base = {"image_path": key, "job_fingerprint": job.fingerprint, "created_at": dt.datetime.now(dt.UTC),
             "mode": "batch", "attempts": attempts, "model": job.endpoint.model, **facts}
     if chat is None:
-        return Result(**base, status="error", error_kind=err.kind, error=str(err),
+        return Result(**{**base, **answers.billed_fields(err)}, status="error", error_kind=err.kind, error=str(err),
                       request_id=(err.request_id or request_id) if err is not None else request_id)
     try:
-        fields = answers.parse_fields(job, chat.text)
+        fields = answers.parse_fields(job, chat)
     except BadOutputError as bad:  # a batch line is not asked again for this: an error row
-        return Result(**base, status="error", error_kind=bad.kind, error=str(bad),
+        return Result(**{**base, **answers.billed_fields(bad)}, status="error", error_kind=bad.kind, error=str(bad),
                       request_id=chat.request_id or request_id)
     base.update(answers.answer_fields(job, chat, facts.get("sent_width") or 0, facts.get("sent_height") or 0, fields))
     return Result(**base, status="ok", request_id=chat.request_id or request_id)
@@ -346,6 +354,35 @@ class _LineOutcome:
     custom_id: str
     row: Result | None
     switch_tokens: bool = False  # the server wants max_completion_tokens: resend this line with it
+
+
+def _batch_failure(batch: dict[str, Any]) -> FatalError:
+    """The error a `failed` batch carries (OpenAI: `errors.data[].code/message`), as a FatalError:
+    resending the same file fails the same way, and the enqueued-token limit needs a wait."""
+    data = ((batch.get("errors") or {}).get("data") or [{}])[0] or {}
+    code, message = data.get("code") or "failed", data.get("message") or "no reason given"
+    hint = ("wait for the live batches to finish (caption batch collect OUT), then run again"
+            if code == "token_limit_exceeded" else "fix the cause, then run again; its images will be sent again")
+    return FatalError(f"batch {batch.get('id')} failed validation: {code}: {message}; {hint}")
+
+
+def _read_line_safely(job: Job, raw: bytes, index: dict[str, _IndexEntry]) -> _LineOutcome | None:
+    """`read_output_line`, but a line nobody foresaw becomes an internal error row, not a stuck chunk."""
+    try:
+        return read_output_line(job, raw, index)
+    except FatalError:
+        raise
+    except Exception as err:
+        log.exception("internal error on a batch output line")
+        try:
+            entry = index.get(json.loads(raw).get("custom_id"))
+        except (ValueError, AttributeError):
+            entry = None
+        if entry is None:
+            return None
+        failure = CaptionError(f"{type(err).__name__}: {err}")
+        failure.kind = "internal"
+        return _LineOutcome(entry.custom_id, _row(job, entry.key, entry.image, entry.attempts, err=failure))
 
 
 def read_output_line(job: Job, raw: bytes, index: dict[str, _IndexEntry]) -> _LineOutcome | None:
@@ -510,8 +547,7 @@ class _Driver:
             if record.state in ("written", "uploaded"):
                 await self.submit(record)
             elif record.state == "collecting":
-                await self.collect(record, await _with_retries(self.job, "poll", self.api.retrieve,
-                                                               record.batch_id), recovering=True)
+                await self.poll_once(record)  # collect() sees the state and redoes it without duplicates
             else:
                 try:
                     await self.poll_once(record)
@@ -616,7 +652,7 @@ class _Driver:
         self._first_walk = False
 
     async def close_and_submit(self, writer: _ChunkWriter) -> None:
-        record = writer.close()
+        record = dataclasses.replace(writer.close(), job=self.job.fingerprint)
         self.state.save(record)
         await self.submit(record)
 
@@ -648,8 +684,21 @@ class _Driver:
             await asyncio.sleep(self.job.batch.poll_s)
 
     async def poll_once(self, record: ChunkRecord) -> bool:
-        """Ask for a submitted batch's status; collect it if it has ended. True if collected."""
-        batch = await self.api.retrieve(record.batch_id)
+        """Ask for a submitted batch's status; collect it if it has ended. True if collected.
+
+        A batch the provider no longer knows (404: deleted, or the bundled server of a run that
+        died) ran nothing we can collect: its lines are sent again.
+        """
+        try:
+            batch = await self.api.retrieve(record.batch_id)
+        except FatalError as err:
+            if err.status != 404:
+                raise
+            log.warning("%s: batch %s is gone (%s); its %d requests will be sent again", record.name,
+                        record.batch_id, err, record.lines)
+            index = {e.custom_id: e for e in read_index(self.state.path(record.name, ".index.jsonl"))}
+            self._give_back(record, index, {"id": record.batch_id, "status": "lost"}, None)
+            return True
         status = batch.get("status")
         if status in ENDED:
             await self.collect(record, batch, recovering=False)
@@ -668,6 +717,8 @@ class _Driver:
                                      counts=batch.get("request_counts"))
         self.state.save(record)
         index = {e.custom_id: e for e in read_index(self.state.path(record.name, ".index.jsonl"))}
+        if batch.get("status") == "failed":
+            return self._give_back(record, index, batch, _batch_failure(batch))
         already = self._rows_already_written(index) if recovering else set()
         handled: set[str] = set()
         retries: list[tuple[str, int]] = []
@@ -679,7 +730,7 @@ class _Driver:
             await _with_retries(self.job, "download", self.api.download, file_id, path)
             with open(path, "rb") as handle:
                 for raw in handle:
-                    self._take(read_output_line(self.job, raw, index), index, already, handled, retries)
+                    self._take(_read_line_safely(self.job, raw, index), index, already, handled, retries)
         for custom_id in index:  # in neither file: it did not run
             if custom_id not in handled:
                 self._take(read_output_line(self.job, json.dumps({"custom_id": custom_id}).encode(), index),
@@ -700,6 +751,16 @@ class _Driver:
             self.record_row(outcome.row)
             if len(handled) == 1:
                 _crash_point("collecting")
+
+    def _give_back(self, record: ChunkRecord, index: dict[str, _IndexEntry], batch: dict[str, Any],
+                   failure: FatalError | None) -> None:
+        """A batch that ran nothing (failed validation, or lost by the provider): every line goes back
+        to be sent again by a later run; a failure that resending at once cannot cure stops this one
+        (rather than spending every image's attempts in a few seconds)."""
+        retries = [(entry.key, entry.attempts) for entry in index.values()]
+        self._finish_collect(record, retries, batch)
+        if failure is not None:
+            raise failure
 
     def _switch_token_param(self) -> None:
         """Reasoning models refuse max_tokens: send max_completion_tokens from now on, in every run."""

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .errors import JobError
+from .errors import CaptionError, JobError
 from .job import OVERRIDABLE, SECTIONS, load_job, resolve_api_key, resolve_headers
 
 __all__ = ["main"]
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except CaptionError as err:  # the provider refused something no retry cures (e.g. a batch upload)
+        print(f"caption: stopped: {_scrub(str(err))}", file=sys.stderr)
+        return 3
     except Exception as err:  # a bug: one line, the traceback only with --debug
         if args.debug:
             raise

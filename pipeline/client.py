@@ -396,7 +396,8 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def _checked_result(text: str, model: str, finish: str | None, usage: Usage | None, request_id: str | None) -> ChatResult:
+def _checked_result(text: str, model: str, finish: str | None, usage: Usage | None, request_id: str | None,
+                    refusal: str = "") -> ChatResult:
     """The answer as a ChatResult, if it is one: no finish_reason or no text is a failure.
 
     Gateways such as one-api/new-api drop an upstream error and still end cleanly, so a clean end
@@ -405,9 +406,13 @@ def _checked_result(text: str, model: str, finish: str | None, usage: Usage | No
     if finish is None:
         raise TransientError("answer ended without a finish_reason (a gateway may have dropped an upstream error)",
                              status=200, request_id=request_id)
+    if refusal.strip() and not text.strip():  # structured outputs: https://platform.openai.com/docs/guides/structured-outputs#refusals
+        raise BadOutputError(f"the model refused: {refusal.strip()}", retryable=False, usage=usage,
+                             finish_reason=finish, status=200, request_id=request_id)
     if not text.strip():
         hint = " (max_tokens too small for a reasoning model?)" if finish == "length" else ""
-        raise BadOutputError(f"empty caption, finish_reason={finish}{hint}", status=200, request_id=request_id)
+        raise BadOutputError(f"empty caption, finish_reason={finish}{hint}", retryable=finish != "length",
+                             usage=usage, finish_reason=finish, status=200, request_id=request_id)
     return ChatResult(text=text.strip(), model=model, finish_reason=finish, usage=usage, request_id=request_id)
 
 
@@ -420,12 +425,14 @@ def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
                              request_id=request_id)
     choice = choices[0]
     message = choice.get("message") or {}
+    message = message if isinstance(message, dict) else {}
     return _checked_result(
-        _message_text(message.get("content") if isinstance(message, dict) else None),
+        _message_text(message.get("content")),
         str(data.get("model") or ""),
         choice.get("finish_reason"),
         parse_usage(data.get("usage")),
         request_id or data.get("id"),
+        refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else "",
     )
 
 
@@ -454,6 +461,7 @@ class _StreamState:
     """What a stream has told us so far."""
 
     parts: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
     model: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -480,7 +488,10 @@ class _StreamState:
         for choice in chunk.get("choices") or []:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 delta = choice.get("delta") or {}
-                self.parts.append(_message_text(delta.get("content")) if isinstance(delta, dict) else "")
+                delta = delta if isinstance(delta, dict) else {}
+                self.parts.append(_message_text(delta.get("content")))
+                if isinstance(delta.get("refusal"), str):
+                    self.refusal.append(delta["refusal"])
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
     def result(self, request_id: str | None) -> ChatResult:
@@ -488,7 +499,7 @@ class _StreamState:
         if not self.done:
             raise TransientError("stream ended without [DONE]", status=200, request_id=request_id)
         return _checked_result("".join(self.parts), self.model, self.finish_reason, self.usage,
-                               request_id or self.chunk_id)
+                               request_id or self.chunk_id, refusal="".join(self.refusal))
 
 
 # --- the request ---------------------------------------------------------------------------

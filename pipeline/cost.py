@@ -174,6 +174,8 @@ def image_tokens(formula: ImageFormula, width: int, height: int, detail: str) ->
     the guide lets the model choose). The patch, Anthropic, Gemini and Qwen rules have no detail
     setting in their guides, so it is ignored for them. Cached: photo folders hold few sizes.
     """
+    if width <= 0 or height <= 0:  # size unknown (an output file ingested without its index)
+        return 0
     if formula.method == "tile":
         return openai_tile_tokens(width, height, detail, base=formula.base, per_tile=formula.per_tile)
     if formula.method == "patch":

@@ -70,9 +70,15 @@ class BadRequestError(CaptionError):
 
 
 class BadOutputError(CaptionError):
-    """The server answered, but not with a usable caption (e.g. empty content)."""
+    """The server answered, but not with a usable caption (empty, refused, not the JSON asked for)."""
 
     kind = "bad_output"
+
+    def __init__(self, message: str, *, retryable: bool = True, usage=None, finish_reason: str | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retryable = retryable  # False when asking again the same way cannot help (a refusal, a cut answer)
+        self.usage = usage  # the records.Usage the answer was billed at, when known
+        self.finish_reason = finish_reason
 
 
 class FatalError(CaptionError):

@@ -139,7 +139,7 @@ class Batch:
     max_requests: int = 50_000  # request lines per chunk file at most
     max_file_mb: float = 200.0  # chunk file size at most, MB (base64 images make this bind first)
     poll_s: float = 60.0  # how often a live batch is asked for its status
-    completion_window: str = "24h"  # sent with every batch; OpenAI accepts only "24h"
+    completion_window: Literal["24h"] = "24h"  # sent with every batch; OpenAI accepts only "24h"
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,8 +317,8 @@ _RANGES: list[tuple[str, float, float]] = [
     ("limits.preprocess_workers", 0, 256),
     ("output.part_rows", 1, 10_000_000),
     ("output.part_seconds", 0.001, 86_400),
-    ("batch.max_requests", 1, 1_000_000),
-    ("batch.max_file_mb", 0.001, 10_000),
+    ("batch.max_requests", 1, 50_000),  # OpenAI's limits per batch file: https://platform.openai.com/docs/guides/batch
+    ("batch.max_file_mb", 0.001, 200),
     ("batch.poll_s", 0.001, 86_400),
 ]
 
@@ -339,8 +339,17 @@ def _check_ranges(job: Job) -> None:
 
 def _check_schema(job: Job) -> None:
     structured = job.structured
+    if structured.format == "text":
+        return
     if structured.format == "json_schema" and not structured.schema:
         raise JobError(f"{job.source}: [structured] format = \"json_schema\" needs a [structured.schema] table")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", structured.name):
+        raise JobError(f"{job.source}: [structured] name must be 1-64 letters, digits, _ or -, not {structured.name!r}")
+    prompt_text = f"{job.prompt.system or ''} {job.prompt.user}"
+    if structured.format == "json_object" and "json" not in prompt_text.lower():
+        # https://platform.openai.com/docs/guides/structured-outputs#json-mode
+        raise JobError(f"{job.source}: [structured] format = \"json_object\" needs the word JSON in [prompt] "
+                       "system or user (the API refuses the request otherwise)")
     if structured.schema:
         import jsonschema  # only jobs with a schema pay for the import
 
@@ -350,6 +359,33 @@ def _check_schema(job: Job) -> None:
             where = "/".join(map(str, err.path)) or "top level"
             raise JobError(f"{job.source}: [structured.schema] is not a valid JSON Schema ({where}): "
                            f"{err.message}") from None
+    if structured.format == "json_schema" and structured.strict:
+        problem = _strict_problem(structured.schema, "the schema")
+        if problem:
+            raise JobError(f"{job.source}: [structured.schema] {problem}, which strict mode requires "
+                           "(https://platform.openai.com/docs/guides/structured-outputs#supported-schemas); "
+                           "fix it or set [structured] strict = false")
+
+
+def _strict_problem(schema: Any, where: str) -> str | None:
+    """What in `schema` breaks OpenAI's strict structured outputs, or None: the root is an object,
+    and every object lists all its properties in `required` and sets additionalProperties false."""
+    if not isinstance(schema, dict):
+        return None
+    if where == "the schema" and schema.get("type") != "object":
+        return "must have type = \"object\" at the top"
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        if schema.get("additionalProperties") is not False:
+            return f"{where}: must set additionalProperties = false"
+        missing = sorted(set(properties) - set(schema.get("required") or []))
+        if missing:
+            return f"{where}: must list {', '.join(missing)} in required"
+        for name, sub in properties.items():
+            if problem := _strict_problem(sub, f"property {name}"):
+                return problem
+    items = schema.get("items")
+    return _strict_problem(items, f"{where} items") if isinstance(items, dict) else None
 
 
 def _did_you_mean(word: str, options: set[str]) -> str:

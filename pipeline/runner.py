@@ -338,6 +338,7 @@ class _Run:
             stop=self._retry_stop,
             retry=retry_if_exception_type((RateLimitError, TransientError, BadOutputError)),
             wait=self._retry_wait,
+            sleep=self._sleep_unless_stopped,
             before_sleep=self._before_retry,
             reraise=True,
         )
@@ -348,7 +349,7 @@ class _Run:
                     started = time.monotonic()
                     chat = await self._attempt(data_url, tokens)
                     latency_s = time.monotonic() - started
-                    fields = answers.parse_fields(self.job, chat.text)
+                    fields = answers.parse_fields(self.job, chat)
         except FatalError:
             raise
         except CaptionError as err:
@@ -403,6 +404,14 @@ class _Run:
         image = cost.image_tokens(self._image_formula, encoded.sent_width, encoded.sent_height, self.job.image.detail)
         return image + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
 
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """A retry's backoff, cut short by Ctrl-C or a fatal error (the image then gets no row)."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise _Stopped
+
     def _retry_stop(self, state: RetryCallState) -> bool:
         """Stop at max_attempts; while the failure is a 429, allow RATE_LIMIT_PATIENCE times more.
 
@@ -414,7 +423,7 @@ class _Run:
         if isinstance(error, RateLimitError):
             attempts *= RATE_LIMIT_PATIENCE
         elif isinstance(error, BadOutputError):
-            attempts = min(attempts, BAD_OUTPUT_ATTEMPTS)
+            attempts = min(attempts, BAD_OUTPUT_ATTEMPTS if error.retryable else 1)
         return state.attempt_number >= attempts
 
     def _retry_wait(self, state: RetryCallState) -> float:
@@ -461,6 +470,7 @@ class _Run:
     def _error_row(self, source: Source, encoded: Encoded | None, err: CaptionError, *, attempts: int) -> Result:
         return Result(
             **_image_fields(source, encoded, self.job.fingerprint),
+            **answers.billed_fields(err),
             status="error",
             model=self.job.endpoint.model,
             error_kind=err.kind,

@@ -83,8 +83,8 @@ def test_shuffled_output_is_matched_by_custom_id(server, folder, tmp_path):
 
 @pytest.mark.parametrize(
     ("outcome", "run_lines", "resent"),
-    [("expired", 2, 3), ("cancelled", 2, 3), ("failed", None, 5)],
-    ids=["expired-keeps-completed", "cancelled-keeps-completed", "failed-resends-all"],
+    [("expired", 2, 3), ("cancelled", 2, 3)],
+    ids=["expired-keeps-completed", "cancelled-keeps-completed"],
 )
 def test_batch_that_did_not_finish_is_resubmitted(server, folder, tmp_path, outcome, run_lines, resent):
     server.fail_next_batch(outcome, run_lines=run_lines)
@@ -273,3 +273,35 @@ def test_an_online_run_waits_for_live_batches_instead_of_paying_twice(server, fo
     assert main(online) == 2
     assert "still with the provider" in capsys.readouterr().err
     assert server.observed() == []  # no chat request was sent
+
+
+def test_a_batch_that_fails_validation_stops_the_run_and_is_resent_later(server, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    server.fail_next_batch("failed")
+    assert main(_argv(folder, out, server)) == 3
+    err = capsys.readouterr().err
+    assert "failed validation" in err and len(server.batches()) == 1  # not resubmitted in a loop
+    assert not list(out.glob("part-*.parquet")) or not _rows(out)  # no image was charged an error row
+    assert main(_argv(folder, out, server)) == 0  # the next run sends them again
+    assert _ok_paths(out) == sorted(GOOD) and len(server.batches()) == 2
+
+
+def test_a_batch_the_provider_lost_is_sent_again(server, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    server.set_batch_delay(60)
+    assert main(_argv(folder, out, server, "--detach")) == 0
+    server.reset()  # the provider forgets every batch (as the bundled server does when it restarts)
+    assert main(_argv(folder, out, server)) == 0
+    assert _ok_paths(out) == sorted(GOOD)
+    assert "is gone" in capsys.readouterr().err
+
+
+def test_another_jobs_finished_chunks_do_not_end_this_jobs_images(server, folder, tmp_path):
+    out = tmp_path / "out"
+    server.fail_batch_lines("400", times=len(GOOD))  # the first job's requests are all refused
+    assert main(_argv(folder, out, server)) == 1
+    assert main(_argv(folder, out, server)) == 0  # the same job does not send its 400s again
+    assert len(server.batches()) == 1
+    fixed = _argv(folder, out, server, "--max-side", "128", "--allow-job-change")
+    assert main(fixed) == 0  # a changed job asks for its own answers
+    assert _ok_paths(out) == sorted(GOOD) and len(server.batches()) == 2

@@ -38,9 +38,19 @@ def test_relay_job_streams_and_takes_its_key_from_relay_api_key():
         ("[endpoint]\nbase_url = 'api.openai.com'\n", r"\[endpoint\] base_url must be http"),
         ("[request.extra]\nmodel = 'x'\n", r"\[request.extra\] model is set by caption itself"),
         ("[endpoint\n", r"not valid TOML"),
+        ("[structured]\nformat = 'json_schema'\nname = 'my caption!'\n[structured.schema]\ntype = 'object'\n",
+         r"\[structured\] name must be 1-64 letters"),
+        ("[structured]\nformat = 'json_schema'\n[structured.schema]\ntype = 'object'\n"
+         "properties = { a = { type = 'string' } }\n", r"additionalProperties = false, which strict mode requires"),
+        ("[structured]\nformat = 'json_schema'\n[structured.schema]\ntype = 'object'\nadditionalProperties = false\n"
+         "properties = { a = { type = 'string' } }\n", r"must list a in required"),
+        ("[structured]\nformat = 'json_object'\n", r"needs the word JSON"),
+        ("[batch]\nmax_requests = 100000\n", r"\[batch\] max_requests = 100000 is out of range"),
+        ("[batch]\ncompletion_window = '12h'\n", r"\[batch\] completion_window must be one of '24h'"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "bad-choice", "bad-bool", "range", "url", "reserved-extra",
-         "toml-syntax"],
+         "toml-syntax", "schema-name", "strict-additional", "strict-required", "json-object-word", "batch-size",
+         "batch-window"],
 )
 def test_bad_job_files_name_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "bad.toml"

@@ -112,3 +112,21 @@ def test_flat_fields_become_their_own_export_columns(server, folder, tmp_path, r
     (path,) = (tmp_path / "jsonl").glob("*.jsonl")
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert all(isinstance(line["tags"], list) and isinstance(line["contains_text"], bool) for line in lines)
+
+
+def test_json_cut_by_max_tokens_is_not_asked_again_and_keeps_its_tokens(server, folder, tmp_path, run):
+    code, _ = run(folder, tmp_path / "out", "--max-tokens", "8")
+    rows = _rows(tmp_path / "out")
+    assert code == 1 and len(server.observed()) == 3  # one request per image: the same cut would come again
+    for row in rows:
+        assert (row["error_kind"], row["attempts"], row["finish_reason"]) == ("bad_output", 1, "length")
+        assert "cut by max_tokens" in row["error"] and row["prompt_tokens"] > 0  # billed, so recorded
+
+
+def test_a_schema_that_cannot_be_applied_stops_the_run(server, folder, tmp_path, run):
+    job = tmp_path / "ref.toml"
+    job.write_text('[prompt]\nuser = "Describe it as JSON."\n[structured]\nformat = "json_object"\n'
+                   '[structured.schema]\n"$ref" = "#/definitions/nothere"\n')
+    code, err = run(folder, tmp_path / "out", job=job)
+    assert code == 3 and "cannot be applied" in err
+    assert len(server.observed()) == 1  # stopped at the first answer instead of paying for every image
