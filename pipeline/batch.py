@@ -1002,6 +1002,11 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
     error row: there is no later chunk to retry it in); lines of images already ok are skipped.
     """
     out = Path(out)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise JobError(f"{', '.join(missing)}: output file not found; nothing was ingested")
+    if prepared is not None and not Path(prepared).is_dir():
+        raise JobError(f"--prepared {prepared}: folder not found")
     index: dict[str, _IndexEntry] = {}
     for path in sorted(Path(prepared).glob("*.index.jsonl")) if prepared else []:
         index.update((e.custom_id, e) for e in read_index(path))
