@@ -22,6 +22,8 @@ import json
 import logging
 import re
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,7 @@ __all__ = [
     "parse_usage",
     "parse_rate_info",
     "wants_max_completion_tokens",
+    "proxy_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -520,6 +523,7 @@ class ChatClient:
         self._on_rate_info = on_rate_info  # told the x-ratelimit-* counts of every response
         self._job = job
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._proxy = proxy_for(self._url)
         self._headers = {"Content-Type": "application/json", **headers}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -545,7 +549,7 @@ class ChatClient:
 
     async def _send(self, payload: dict[str, Any]) -> ChatResult:
         try:
-            async with self._session.post(self._url, json=payload, headers=self._headers,
+            async with self._session.post(self._url, json=payload, headers=self._headers, proxy=self._proxy,
                                           timeout=self._timeout) as response:
                 request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
                 if self._on_rate_info is not None and (info := parse_rate_info(response.headers)):
@@ -574,6 +578,19 @@ class ChatClient:
         for event in decoder.finish():
             state.take(event, response.headers)
         return state.result(request_id)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy that HTTPS_PROXY / HTTP_PROXY name for `url`, unless NO_PROXY covers its host.
+
+    Read once per run: aiohttp's trust_env looks the environment (and ~/.netrc) up again on every
+    request, which cost almost a millisecond each here.
+    """
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def wants_max_completion_tokens(err: CaptionError) -> bool:

@@ -188,7 +188,7 @@ class _Run:
         connector = aiohttp.TCPConnector(limit=limits.concurrency + 4)
         pool = concurrent.futures.ThreadPoolExecutor(self.image_workers, thread_name_prefix="caption-image")
         try:
-            async with aiohttp.ClientSession(connector=connector, trust_env=True) as session:
+            async with aiohttp.ClientSession(connector=connector) as session:
                 self.client = ChatClient(session, self.job, base_url, api_key=api_key, headers=headers,
                                          on_rate_info=self.limiter.observe)
                 await self._run_stages(pool)

@@ -16,6 +16,7 @@ from pipeline.client import (
     parse_duration,
     parse_retry_after,
     parse_usage,
+    proxy_for,
 )
 from pipeline.job import load_job
 
@@ -206,3 +207,22 @@ def test_parse_completion(body, expected):
     else:
         with pytest.raises(expected):
             parse_completion(body, "req")
+
+
+@pytest.mark.parametrize(
+    "env, url, expected",
+    [
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https://api.openai.com/v1/chat/completions", "http://proxy:3128"),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "api.openai.com"}, "https://api.openai.com/v1/x", None),
+        ({"HTTP_PROXY": "http://proxy:3128"}, "https://api.openai.com/v1/x", None),
+        ({}, "https://api.openai.com/v1/x", None),
+    ],
+    ids=["https-proxy", "no-proxy", "other-scheme", "none"],
+)
+def test_proxy_is_read_once_from_the_environment(monkeypatch, env, url, expected):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert proxy_for(url) == expected
