@@ -42,7 +42,7 @@ from .errors import BadImageError, BadOutputError, CaptionError, FatalError, Job
 from .job import Job
 from .limits import Limiter
 from .records import ChatResult, Encoded, Result, Source
-from .store import Store, key_hash
+from .store import HashSet, Store, key_hash
 from .walker import walk_images
 
 __all__ = ["RunSummary", "run", "run_async"]
@@ -143,7 +143,7 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
 class _Run:
     """One run's queues, workers and counters."""
 
-    def __init__(self, job: Job, input_path: Path, store: Store, done: set[int], sent_shas: set[int],
+    def __init__(self, job: Job, input_path: Path, store: Store, done: HashSet, sent_shas: HashSet,
                  progress: bool | None):
         self.job = job
         self.input_path = input_path

@@ -16,6 +16,8 @@ one dataset.
 
 from __future__ import annotations
 
+import array
+import bisect
 import dataclasses
 import datetime as dt
 import fcntl
@@ -31,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import JobError
 from .records import Result
 
-__all__ = ["SCHEMA", "Store", "OutFolderLock", "key_hash", "iter_rows", "write_atomic"]
+__all__ = ["SCHEMA", "Store", "HashSet", "OutFolderLock", "key_hash", "iter_rows", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -245,27 +248,25 @@ class Store:
     def _journal_path(self, number: int) -> Path:
         return self.out / f"_journal-{number:05d}.jsonl"
 
-    def done_keys(self) -> set[int]:
+    def done_keys(self) -> HashSet:
         """Key hashes of images whose latest row is `ok`: what a resumed run skips."""
         return self.resume_index()[0]
 
-    def resume_index(self) -> tuple[set[int], set[int]]:
-        """(key hashes of images whose latest row is ok, hashes of the sha256s those rows carry).
+    def resume_index(self) -> tuple[HashSet, HashSet]:
+        """(key hashes of images whose latest row is ok, hashes of the sha256s of this job's ok rows).
 
-        Hashes, not strings: a million done images cost tens of MB, not hundreds.
+        Hashes in sorted arrays, 8 bytes an image, built with Arrow rather than Python sets (~70
+        bytes an entry): a million done images cost 16 MB, not 140.
         """
-        done: set[int] = set()
-        shas: set[int] = set()
+        keys, oks, shas = array.array("Q"), array.array("b"), array.array("Q")
         columns = ["image_path", "status", "image_sha256", "job_fingerprint"]
         for batch in iter_rows(self.out, columns=columns, batch_size=INDEX_BATCH):
             for path, status, sha, fingerprint in zip(*(batch[c] for c in columns)):
-                if status == "ok":
-                    done.add(key_hash(path))
-                    if sha and fingerprint == self.fingerprint:  # another job's answer is not this one's
-                        shas.add(key_hash(sha))
-                else:
-                    done.discard(key_hash(path))
-        return done, shas
+                keys.append(key_hash(path))
+                oks.append(status == "ok")
+                if status == "ok" and sha and fingerprint == self.fingerprint:  # not another job's answer
+                    shas.append(key_hash(sha))
+        return HashSet.of_latest(keys, oks), HashSet.of(shas)
 
     def find_ok_by_sha(self, sha256: str) -> dict[str, Any] | None:
         """The latest ok row (caption, model, ...) of an image with this sha256, or None.
@@ -291,6 +292,55 @@ class Store:
 
     def _is_original(self, status: str, dedup_of: str | None, fingerprint: str | None) -> bool:
         return status == "ok" and not dedup_of and fingerprint == self.fingerprint
+
+
+class HashSet:
+    """A set of 64-bit hashes: a sorted array (8 bytes each) built once, plus the few added later."""
+
+    def __init__(self, ordered: array.array):
+        self._sorted = ordered  # array('Q'), ascending, no repeats
+        self._added: set[int] = set()
+
+    @classmethod
+    def of(cls, hashes: array.array) -> HashSet:
+        """The set of `hashes` (any order, repeats allowed)."""
+        unique = pc.unique(pa.array(hashes, pa.uint64())) if hashes else pa.array([], pa.uint64())
+        return cls(_to_array(pc.sort_indices(unique), unique))
+
+    @classmethod
+    def of_latest(cls, hashes: array.array, flags: array.array) -> HashSet:
+        """The hashes whose last occurrence (in the given order) has a true flag: latest row wins."""
+        if not hashes:
+            return cls(array.array("Q"))
+        table = pa.table({"h": pa.array(hashes, pa.uint64()), "i": pa.array(range(len(hashes)), pa.int64()),
+                          "ok": pa.array(flags, pa.int8())})
+        table = table.sort_by([("h", "ascending"), ("i", "ascending")])
+        h = table.column("h").combine_chunks()
+        last = pc.not_equal(h.slice(0, len(h) - 1), h.slice(1))  # the last row of each hash...
+        last = pa.concat_arrays([last, pa.array([True])])  # ...and the very last row
+        keep = pc.and_(last, pc.equal(table.column("ok").combine_chunks(), 1))
+        kept = h.filter(keep)
+        return cls(_to_array(None, kept))
+
+    def __contains__(self, value: int) -> bool:
+        index = bisect.bisect_left(self._sorted, value)
+        return (index < len(self._sorted) and self._sorted[index] == value) or value in self._added
+
+    def add(self, value: int) -> None:
+        if value not in self:
+            self._added.add(value)
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._added)
+
+
+def _to_array(order: pa.Array | None, values: pa.Array) -> array.array:
+    """An Arrow uint64 array (taken in `order`, if given) as a Python array('Q'), without Python ints."""
+    values = values.take(order) if order is not None else values
+    values = pa.concat_arrays([values]) if values.offset else values  # a fresh buffer starts at 0
+    out = array.array("Q")
+    out.frombytes(values.buffers()[1].to_pybytes()[: len(values) * 8])
+    return out
 
 
 class OutFolderLock:

@@ -136,7 +136,9 @@ def test_done_keys_follow_the_latest_row(tmp_path):
     store.append(_row("a.jpg", "ok"))
     store.append(_row("c.jpg", "error"))
     store.close()
-    assert _open(tmp_path).done_keys() == {key_hash("a.jpg"), key_hash("b.jpg")}
+    done = _open(tmp_path).done_keys()
+    assert [name for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg") if key_hash(name) in done] == ["a.jpg", "b.jpg"]
+    assert len(done) == 2
 
 
 def test_another_job_is_refused_unless_allowed(tmp_path):
@@ -176,3 +178,18 @@ def test_parts_from_an_older_schema_are_upgraded_so_readers_see_every_column(tmp
     assert all(pq.read_schema(p).equals(EXPECTED_SCHEMA) for p in tmp_path.glob("part-*.parquet"))
     frame = pd.read_parquet(tmp_path)
     assert {"dedup_of", "fields", "flags"} <= set(frame.columns) and len(frame) == 2
+
+
+def test_hash_set_keeps_the_latest_flag_and_takes_additions():
+    import array
+
+    from pipeline.store import HashSet
+
+    latest = HashSet.of_latest(array.array("Q", [5, 3, 5, 9, 3, 1, 2**64 - 1]),
+                               array.array("b", [1, 1, 0, 1, 1, 0, 1]))
+    assert [h for h in (1, 3, 5, 9, 2**64 - 1) if h in latest] == [3, 9, 2**64 - 1]
+    plain = HashSet.of(array.array("Q", [7, 2, 7]))
+    plain.add(4)
+    plain.add(7)
+    assert (2 in plain, 4 in plain, 7 in plain, 8 in plain, len(plain)) == (True, True, True, False, 3)
+    assert 1 not in HashSet.of(array.array("Q")) and len(HashSet.of_latest(array.array("Q"), array.array("b"))) == 0
