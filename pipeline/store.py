@@ -28,12 +28,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import JobError
@@ -255,8 +254,8 @@ class Store:
     def resume_index(self) -> tuple[HashSet, HashSet]:
         """(key hashes of images whose latest row is ok, hashes of the sha256s of this job's ok rows).
 
-        Hashes in sorted arrays, 8 bytes an image, built with Arrow rather than Python sets (~70
-        bytes an entry): a million done images cost 16 MB, not 140.
+        Hashes in sorted arrays, 8 bytes an image, rather than Python sets (~70 bytes an entry): a
+        million done images cost 16 MB, not 140.
         """
         keys, oks, shas = array.array("Q"), array.array("b"), array.array("Q")
         columns = ["image_path", "status", "image_sha256", "job_fingerprint"]
@@ -302,25 +301,24 @@ class HashSet:
         self._added: set[int] = set()
 
     @classmethod
-    def of(cls, hashes: array.array) -> HashSet:
+    def of(cls, hashes: Iterable[int]) -> HashSet:
         """The set of `hashes` (any order, repeats allowed)."""
-        unique = pc.unique(pa.array(hashes, pa.uint64())) if hashes else pa.array([], pa.uint64())
-        return cls(_to_array(pc.sort_indices(unique), unique))
+        ordered = array.array("Q")
+        for value in sorted(hashes):  # a transient list; what stays is 8 bytes a hash
+            if not ordered or ordered[-1] != value:
+                ordered.append(value)
+        return cls(ordered)
 
     @classmethod
     def of_latest(cls, hashes: array.array, flags: array.array) -> HashSet:
-        """The hashes whose last occurrence (in the given order) has a true flag: latest row wins."""
-        if not hashes:
-            return cls(array.array("Q"))
-        table = pa.table({"h": pa.array(hashes, pa.uint64()), "i": pa.array(range(len(hashes)), pa.int64()),
-                          "ok": pa.array(flags, pa.int8())})
-        table = table.sort_by([("h", "ascending"), ("i", "ascending")])
-        h = table.column("h").combine_chunks()
-        last = pc.not_equal(h.slice(0, len(h) - 1), h.slice(1))  # the last row of each hash...
-        last = pa.concat_arrays([last, pa.array([True])])  # ...and the very last row
-        keep = pc.and_(last, pc.equal(table.column("ok").combine_chunks(), 1))
-        kept = h.filter(keep)
-        return cls(_to_array(None, kept))
+        """The hashes whose last occurrence (in the given order) has a true flag: latest row wins.
+
+        Only the false ones (error rows: few) go in a dict, with where they were last seen.
+        """
+        last_false = {h: i for i, (h, flag) in enumerate(zip(hashes, flags)) if not flag}
+        if not last_false:
+            return cls.of(hashes)
+        return cls.of(h for i, (h, flag) in enumerate(zip(hashes, flags)) if flag and last_false.get(h, -1) < i)
 
     def __contains__(self, value: int) -> bool:
         index = bisect.bisect_left(self._sorted, value)
@@ -332,15 +330,6 @@ class HashSet:
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._added)
-
-
-def _to_array(order: pa.Array | None, values: pa.Array) -> array.array:
-    """An Arrow uint64 array (taken in `order`, if given) as a Python array('Q'), without Python ints."""
-    values = values.take(order) if order is not None else values
-    values = pa.concat_arrays([values]) if values.offset else values  # a fresh buffer starts at 0
-    out = array.array("Q")
-    out.frombytes(values.buffers()[1].to_pybytes()[: len(values) * 8])
-    return out
 
 
 class OutFolderLock:
