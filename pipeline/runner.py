@@ -330,7 +330,7 @@ class _Run:
         return None
 
     async def _caption(self, source: Source, encoded: Encoded) -> Result:
-        """Send one image with retries; return its row. Raises FatalError only."""
+        """Send one image with retries; return its row. Raises FatalError, or _Stopped when the run stops."""
         data_url = encoded.data_url()
         tokens = self._request_tokens(encoded)
         attempts, latency_s = 0, 0.0
