@@ -356,6 +356,13 @@ class _LineOutcome:
     switch_tokens: bool = False  # the server wants max_completion_tokens: resend this line with it
 
 
+def _queue_full(batch: dict[str, Any]) -> bool:
+    """Did the batch fail only because the provider's queue of enqueued tokens was full?
+    (https://platform.openai.com/docs/guides/rate-limits: batch queue limits, `token_limit_exceeded`)"""
+    data = ((batch.get("errors") or {}).get("data") or [{}])[0] or {}
+    return data.get("code") == "token_limit_exceeded"
+
+
 def _batch_failure(batch: dict[str, Any]) -> FatalError:
     """The error a `failed` batch carries (OpenAI: `errors.data[].code/message`), as a FatalError:
     resending the same file fails the same way, and the enqueued-token limit needs a wait."""
@@ -519,6 +526,7 @@ class _Driver:
             self._bar = tqdm.tqdm(unit="req", dynamic_ncols=True, file=sys.stderr)
         self._last_log = 0.0
         self._first_walk = True  # "already done" is counted on the first walk only
+        self._held = False  # the provider's queue is full (token_limit_exceeded): submit again once a batch ends
         token_file = state.folder / TOKEN_PARAM_FILE
         self.token_param = token_file.read_text().strip() if token_file.exists() else "max_tokens"
 
@@ -526,7 +534,9 @@ class _Driver:
         try:
             await self.advance_open_chunks()
             while True:
-                await self.submit_pending()
+                if not (self._held and self.live_records()):
+                    self._held = False
+                    await self.submit_pending()
                 live = self.live_records()
                 if detach or not live:
                     break
@@ -718,7 +728,11 @@ class _Driver:
         self.state.save(record)
         index = {e.custom_id: e for e in read_index(self.state.path(record.name, ".index.jsonl"))}
         if batch.get("status") == "failed":
-            return self._give_back(record, index, batch, _batch_failure(batch))
+            failure = _batch_failure(batch)
+            if _queue_full(batch) and any(r.name != record.name for r in self.live_records()):
+                log.warning("%s: %s; its requests wait until a live batch ends", record.name, failure)
+                self._held, failure = True, None  # an unattended run waits instead of stopping
+            return self._give_back(record, index, batch, failure)
         already = self._rows_already_written(index) if recovering else set()
         handled: set[str] = set()
         retries: list[tuple[str, int]] = []

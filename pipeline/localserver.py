@@ -892,7 +892,7 @@ class _BatchJob:
         return body
 
 
-BATCH_OUTCOMES = ("failed", "expired", "cancelled")
+BATCH_OUTCOMES = ("failed", "expired", "cancelled", "queue_full")
 """Batch ends `LocalServer.fail_next_batch` can inject."""
 BATCH_LINE_FAULTS = ("400", "413", "500", "503", "batch_expired")
 """Per-line faults `LocalServer.fail_batch_lines` can inject."""
@@ -1282,7 +1282,8 @@ class LocalServer:
     def fail_next_batch(self, outcome: str, *, run_lines: int | None = None) -> None:
         """Make the next created batch end as `outcome` ("failed", "expired" or "cancelled").
 
-        "failed" runs nothing (as a batch that fails validation). "expired" runs `run_lines` lines
+        "failed" runs nothing (as a batch that fails validation); "queue_full" fails the same way with
+        code token_limit_exceeded (the provider's queue of enqueued tokens is full). "expired" runs `run_lines` lines
         (default half), then lists the rest in the error file with code `batch_expired`.
         "cancelled" runs `run_lines` lines (default half); the rest appear in neither file.
         """
@@ -1475,9 +1476,12 @@ class LocalServer:
         with self._lock:
             delay_s, data = self._batch_delay_s, self._files[job.input_file_id].data
         lines, errors = _batch_input_lines(data, job.endpoint)
-        if errors or job.outcome == "failed":
-            job.errors = errors or [{"code": "injected_failure", "message": "The batch failed (injected).",
-                                     "param": None, "line": None}]
+        if errors or job.outcome in ("failed", "queue_full"):
+            injected = {"code": "injected_failure", "message": "The batch failed (injected)."}
+            if job.outcome == "queue_full":  # OpenAI's enqueued-token limit, as its batch errors name it
+                injected = {"code": "token_limit_exceeded",
+                            "message": "Enqueued token limit reached for local-caption in organization org-local."}
+            job.errors = errors or [{**injected, "param": None, "line": None}]
             job.set_status("failed")
             return
         job.set_status("in_progress")

@@ -305,3 +305,15 @@ def test_another_jobs_finished_chunks_do_not_end_this_jobs_images(server, folder
     fixed = _argv(folder, out, server, "--max-side", "128", "--allow-job-change")
     assert main(fixed) == 0  # a changed job asks for its own answers
     assert _ok_paths(out) == sorted(GOOD) and len(server.batches()) == 2
+
+
+def test_a_full_provider_queue_waits_for_a_live_batch_instead_of_stopping(server, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    server.set_batch_delay(0.3)
+    server.fail_next_batch("expired", run_lines=1)  # chunk 1: slow, and partly done
+    server.fail_next_batch("queue_full")  # chunk 2: refused, the queue is full
+    assert main(_argv(folder, out, server, "--batch-max-requests", "3")) == 0
+    assert _ok_paths(out) == sorted(GOOD)
+    statuses = [b.status for b in server.batches()]
+    assert statuses[:2] == ["expired", "failed"] and statuses.count("failed") == 1
+    assert "wait until a live batch ends" in capsys.readouterr().err
