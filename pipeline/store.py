@@ -337,17 +337,16 @@ class OutFolderLock:
     recover (and so delete) the other's open journal, and pay twice for the same images.
 
     flock(2) on `OUT/_lock`: the kernel drops it when the process dies, so a kill -9 leaves no
-    stale lock. Re-entrant within a process (the batch driver opens the store and its own state).
+    stale lock. flock does not exclude a second descriptor of the same process reliably, so
+    holders within this process are also kept in a table: a second one is refused the same way.
     """
 
     _held: dict[Path, list] = {}  # resolved folder → [fd, count]
 
     def __init__(self, out: Path):
         self._key = Path(out).resolve()
-        held = self._held.get(self._key)
-        if held is not None:
-            held[1] += 1
-            return
+        if self._key in self._held:
+            raise JobError(f"{out}: in use by another run in this process (pid {os.getpid()}); let it finish first")
         fd = os.open(self._key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -229,6 +229,7 @@ def out(tmp_path) -> Path:
     for row in ROWS[4:]:
         store.append(row)
     store.close()
+    store.release()
     return folder
 
 

@@ -39,6 +39,7 @@ def _append_rows(out: Path, *results: Result) -> None:
     for result in results:
         store.append(result)
     store.close()
+    store.release()
 
 
 def _ok_row(out: Path, path: str, caption: str) -> Result:

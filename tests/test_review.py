@@ -103,6 +103,7 @@ def _append_rows(out: Path, *results: Result) -> None:
     for result in results:
         store.append(result)
     store.close()
+    store.release()
 
 
 def _result(out: Path, path: str, **fields) -> Result:

@@ -59,7 +59,9 @@ def _row(path: str, status: str = "ok", caption: str = "a caption") -> Result:
 
 
 def _open(out, **kw) -> Store:
-    return Store.open(out, SUMMARY, part_rows=kw.pop("part_rows", 1000), part_seconds=60, **kw)
+    store = Store.open(out, SUMMARY, part_rows=kw.pop("part_rows", 1000), part_seconds=60, **kw)
+    store.release()  # these tests open one folder many times over; the lock has tests of its own
+    return store
 
 
 def _all_rows(out) -> list[dict]:
@@ -193,3 +195,13 @@ def test_hash_set_keeps_the_latest_flag_and_takes_additions():
     plain.add(7)
     assert (2 in plain, 4 in plain, 7 in plain, 8 in plain, len(plain)) == (True, True, True, False, 3)
     assert 1 not in HashSet.of(array.array("Q")) and len(HashSet.of_latest(array.array("Q"), array.array("b"))) == 0
+
+
+def test_an_out_folder_has_one_writer_in_a_process_too(tmp_path):
+    from pipeline.store import OutFolderLock
+
+    held = OutFolderLock(tmp_path)
+    with pytest.raises(JobError, match="in use by another run in this process"):
+        Store.open(tmp_path, SUMMARY, part_rows=10, part_seconds=60)
+    held.release()
+    Store.open(tmp_path, SUMMARY, part_rows=10, part_seconds=60).release()  # free again
