@@ -382,15 +382,14 @@ class _RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = _BEARER.sub(r"\1[redacted]", message)
-        for secret in _SECRETS:
-            clean = clean.replace(secret, "[redacted]")
+        clean = _scrub(_BEARER.sub(r"\1[redacted]", message))
         if clean != message:
             record.msg, record.args = clean, None
         return True
 
 
 def _scrub(text: str) -> str:
+    """`text` with every secret of this run (API key, header values) replaced by [redacted]."""
     for secret in _SECRETS:
         text = text.replace(secret, "[redacted]")
     return text

@@ -345,34 +345,37 @@ def _field_values(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
     return {column: fields.get(name) for name, column in columns.items()}
 
 
+def _json_lines(settings: ExportSettings, positions: set[int], path_key: str,
+                text_key: str) -> Iterator[tuple[str, str]]:
+    """(image_path, JSON line) of each ok image: path and caption under the given keys, then the
+    chosen columns, then the flat structured fields."""
+    extra = _extra_columns(settings)
+    flat = field_columns(settings.out, [path_key, text_key, *extra])
+    for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
+        line = {path_key: row["image_path"], text_key: row["caption"] or ""}
+        line.update((c, _json_value(row[c])) for c in extra)
+        line.update(_field_values(row, flat))
+        yield row["image_path"], json.dumps(line, ensure_ascii=False) + "\n"
+
+
 def _write_hf(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
     """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns."""
-    extra = _extra_columns(settings)
-    flat = field_columns(settings.out, ["file_name", "text", *extra])
     target = _single_target(settings)
     files = 1
     with open_atomic(target, settings.overwrite) as handle:
-        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
-            line = {"file_name": row["image_path"], "text": row["caption"] or ""}
-            line.update((c, _json_value(row[c])) for c in extra)
-            line.update(_field_values(row, flat))
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for image_path, line in _json_lines(settings, positions, "file_name", "text"):
+            handle.write(line)
             if settings.copy_images:
-                files += _copy_images(settings, row["image_path"], [source_path(settings.dest, row["image_path"])])
+                files += _copy_images(settings, image_path, [source_path(settings.dest, image_path)])
     return target, files
 
 
 def _write_jsonl(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
     """One JSON object per line (UTF-8, https://jsonlines.org): image_path, caption, columns."""
-    extra = _extra_columns(settings)
-    flat = field_columns(settings.out, ["image_path", "caption", *extra])
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite) as handle:
-        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
-            line = {"image_path": row["image_path"], "caption": row["caption"] or ""}
-            line.update((c, _json_value(row[c])) for c in extra)
-            line.update(_field_values(row, flat))
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for _, line in _json_lines(settings, positions, "image_path", "caption"):
+            handle.write(line)
     return target, 1
 
 

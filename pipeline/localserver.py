@@ -1424,28 +1424,24 @@ class LocalServer:
         return stored
 
     def _file_or_error(self, request: web.Request) -> tuple[_StoredFile | None, web.Response | None]:
-        headers = {"x-request-id": _new_id("req_")}
-        if not self._authorized(request):
-            return None, _json_response(401, _auth_error(request), headers)
-        file_id = request.match_info["file_id"]
-        with self._lock:
-            stored = self._files.get(file_id)
-        if stored is None:
-            error = _error_body(f"No such File object: {file_id}", "invalid_request_error", param="id")
-            return None, _json_response(404, error, headers)
-        return stored, None
+        return self._lookup(request, self._files, "file_id", "id", "No such File object: {}")
 
     def _batch_or_error(self, request: web.Request) -> tuple[_BatchJob | None, web.Response | None]:
+        return self._lookup(request, self._batches, "batch_id", "batch_id", "No batch found with id '{}'.")
+
+    def _lookup(self, request: web.Request, table: dict[str, Any], key: str, param: str,
+                missing: str) -> tuple[Any, web.Response | None]:
+        """The object the URL names, or the 401/404 answer OpenAI gives instead."""
         headers = {"x-request-id": _new_id("req_")}
         if not self._authorized(request):
             return None, _json_response(401, _auth_error(request), headers)
-        batch_id = request.match_info["batch_id"]
+        wanted = request.match_info[key]
         with self._lock:
-            job = self._batches.get(batch_id)
-        if job is None:
-            error = _error_body(f"No batch found with id '{batch_id}'.", "invalid_request_error", param="batch_id")
+            found = table.get(wanted)
+        if found is None:
+            error = _error_body(missing.format(wanted), "invalid_request_error", param=param)
             return None, _json_response(404, error, headers)
-        return job, None
+        return found, None
 
     def _new_batch(self, body: Any) -> _BatchJob:
         """Check a create-batch body and register the batch; raises _RequestError."""
