@@ -180,7 +180,7 @@ def _add_overrides(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) 
 
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from .runner import run  # imported late: `caption --help` stays fast
+    from .engine import run  # imported late: `caption --help` stays fast
 
     overrides = {
         key.removeprefix("override__").replace("__", "."): value
@@ -473,7 +473,7 @@ def _add_batch(commands, common: argparse.ArgumentParser) -> None:
 
 
 def _batch_job(args: argparse.Namespace):
-    from .batch import load_run_job
+    from .engine.batch import load_run_job
 
     job = load_run_job(args.out, args.job)
     api_key = resolve_api_key(job)
@@ -490,7 +490,7 @@ def _batch_job(args: argparse.Namespace):
 def _cmd_batch_status(args: argparse.Namespace, argv: list[str]) -> int:
     import asyncio
 
-    from .batch import batch_status
+    from .engine.batch import batch_status
 
     job, api_key, headers = _batch_job(args)
     views = asyncio.run(batch_status(args.out, job, api_key=api_key, headers=headers))
@@ -504,7 +504,7 @@ def _cmd_batch_status(args: argparse.Namespace, argv: list[str]) -> int:
 def _cmd_batch_collect(args: argparse.Namespace, argv: list[str]) -> int:
     import asyncio
 
-    from .batch import run_batch
+    from .engine.batch import run_batch
 
     job, api_key, headers = _batch_job(args)
     summary = asyncio.run(run_batch(job, None, args.out, api_key=api_key, headers=headers, detach=True))
@@ -516,7 +516,7 @@ def _cmd_batch_collect(args: argparse.Namespace, argv: list[str]) -> int:
 def _cmd_batch_cancel(args: argparse.Namespace, argv: list[str]) -> int:
     import asyncio
 
-    from .batch import cancel_batches
+    from .engine.batch import cancel_batches
 
     job, api_key, headers = _batch_job(args)
     ids = asyncio.run(cancel_batches(args.out, job, api_key=api_key, headers=headers))
@@ -527,7 +527,7 @@ def _cmd_batch_cancel(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_batch_prepare(args: argparse.Namespace, argv: list[str]) -> int:
-    from .batch import prepare_requests
+    from .engine.batch import prepare_requests
 
     job = load_job(args.job, _job_overrides(args))
     if not Path(args.input).exists():
@@ -540,7 +540,7 @@ def _cmd_batch_prepare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_batch_ingest(args: argparse.Namespace, argv: list[str]) -> int:
-    from .batch import ingest_outputs
+    from .engine.batch import ingest_outputs
 
     job = load_job(args.job)
     summary = ingest_outputs(job, args.out, args.files, prepared=args.prepared,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Source", "Encoded", "Usage", "ChatResult", "RateInfo", "Result"]
+__all__ = ["Source", "Encoded", "Usage", "ChatResult", "RateInfo", "Result", "RunSummary", "BatchSummary"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +111,56 @@ class Result:
     dedup_of: str | None = None  # for a copy of an image already sent: the image_path that was sent
     fields: str | None = None  # structured jobs: the answer's JSON object, checked against the schema
     flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "length" (cut by max_tokens)
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did; the CLI prints it and turns it into an exit code."""
+
+    out: Path
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0  # already ok in the out folder
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    fatal: str | None = None  # the provider's message when a fatal error stopped the run
+    interrupted: bool = False
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok, 1 some error rows, 3 stopped by a fatal provider error, 130 interrupted."""
+        if self.fatal:
+            return 3
+        if self.interrupted:
+            return 130
+        return 1 if self.errors else 0
+
+    def count(self, row: Result) -> None:
+        """Add one written row to the totals (every driver counts its rows through this)."""
+        if row.status == "ok":
+            self.ok += 1
+            self.prompt_tokens += row.prompt_tokens or 0
+            self.completion_tokens += row.completion_tokens or 0
+        else:
+            self.errors += 1
+            self.error_kinds[row.error_kind] = self.error_kinds.get(row.error_kind, 0) + 1
+
+
+@dataclass(slots=True)
+class BatchSummary(RunSummary):
+    """A batch run's summary: a run's, plus what is still with the provider."""
+
+    live_batches: int = 0
+    submitted: int = 0  # batches created by this invocation
+    detached: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """As online; a detached run that submitted and recorded its work exits 0."""
+        if self.detached and not self.fatal and not self.interrupted:
+            return 0
+        return RunSummary.exit_code.fget(self)

@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from .errors import JobError
 from .records import Result
 
-__all__ = ["SCHEMA", "Store", "HashSet", "OutFolderLock", "key_hash", "iter_rows", "write_atomic"]
+__all__ = ["SCHEMA", "Store", "HashSet", "OutFolderLock", "key_hash", "iter_rows", "write_atomic", "BATCH_DIR",
+           "OPEN_CHUNK_STATES", "open_batch_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ SCHEMA = pa.schema(
 """One row per image attempt that ended. Change it here and in tests/test_store.py, deliberately."""
 
 JOB_FILE = "_job.json"
+BATCH_DIR = "_batch"  # the batch driver's durable record: chunk files and their states
+OPEN_CHUNK_STATES = ("written", "uploaded", "submitted", "collecting")  # a chunk not yet collected
 LOCK_FILE = "_lock"
 CONVERT_BATCH = 4096  # journal rows per Parquet row group
 INDEX_BATCH = 8192  # rows per batch when the resume index is read: a small, fixed transient
@@ -462,3 +465,18 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_batch_chunks(out: Path) -> int:
+    """How many batch chunks of `out` are not collected yet (written, uploaded, with the provider).
+
+    The online driver refuses to send such images too: that would pay twice.
+    """
+    count = 0
+    for path in (Path(out) / BATCH_DIR).glob("chunk-*.json"):
+        try:
+            state = json.loads(path.read_text("utf-8")).get("state")
+        except (OSError, ValueError):
+            continue
+        count += state in OPEN_CHUNK_STATES
+    return count

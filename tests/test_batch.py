@@ -15,7 +15,7 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch import CRASH_ENV, BatchAPI
+from pipeline.engine.batch import CRASH_ENV, BatchAPI
 from pipeline.cli import main
 from pipeline.store import SCHEMA
 

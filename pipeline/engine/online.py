@@ -36,16 +36,17 @@ import aiohttp
 import tqdm
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
-from . import answers, cost, images, job as jobmod
-from .client import ChatClient
-from .errors import BadImageError, BadOutputError, CaptionError, FatalError, JobError, RateLimitError, TransientError
-from .job import Job
-from .limits import Limiter
-from .records import ChatResult, Encoded, Result, Source
-from .store import HashSet, Store, key_hash
-from .walker import walk_images
+from .. import cost, images, job as jobmod
+from ..client import ChatClient
+from ..errors import BadImageError, BadOutputError, CaptionError, FatalError, JobError, RateLimitError, TransientError
+from ..job import Job
+from ..limits import Limiter
+from ..records import ChatResult, Encoded, Result, RunSummary, Source
+from ..store import HashSet, Store, key_hash, open_batch_chunks
+from ..walker import walk_images
+from . import answers
 
-__all__ = ["RunSummary", "run", "run_async"]
+__all__ = ["run_online"]
 
 log = logging.getLogger(__name__)
 
@@ -66,67 +67,22 @@ class _Stopped(Exception):
     """The run is stopping: this image's request was not sent, and it gets no row."""  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
-@dataclass(slots=True)
-class RunSummary:
-    """What a run did; the CLI prints it and turns it into an exit code."""
-
-    out: Path
-    ok: int = 0
-    errors: int = 0
-    skipped: int = 0  # already ok in the out folder
-    retries: int = 0
-    rate_limited: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    wall_s: float = 0.0
-    fatal: str | None = None  # the provider's message when a fatal error stopped the run
-    interrupted: bool = False
-    error_kinds: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        """0 all ok, 1 some error rows, 3 stopped by a fatal provider error, 130 interrupted."""
-        if self.fatal:
-            return 3
-        if self.interrupted:
-            return 130
-        return 1 if self.errors else 0
-
-
-def run(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None, headers: dict[str, str],
-        allow_job_change: bool = False, progress: bool | None = None, detach: bool = False) -> RunSummary:
-    """Run a job to the end (or to Ctrl-C/SIGTERM) in a fresh event loop; return its summary.
-
-    `endpoint.mode = "batch"` hands the run to batch.py's driver (`detach`: return once submitted).
-    """
-    return asyncio.run(run_async(job, input_path, out, api_key=api_key, headers=headers,
-                                 allow_job_change=allow_job_change, progress=progress, handle_signals=True,
-                                 detach=detach))
-
-
-async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None,
-                    headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
-                    handle_signals: bool = False, detach: bool = False) -> RunSummary:
-    """The same as `run`, inside a running loop (tests call this)."""
-    if job.endpoint.mode == "batch":
-        from .batch import run_batch
-
-        return await run_batch(job, input_path, out, api_key=api_key, headers=headers,
-                               allow_job_change=allow_job_change, progress=progress, detach=detach)
-    from .batch import open_chunks  # batch.py imports this module: a late import breaks the cycle
-
+async def run_online(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None,
+                     headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
+                     handle_signals: bool = False) -> RunSummary:
+    """Caption `input_path` into `out` with one request per image; return the run's summary."""
     store = Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
                        part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
     store.keep_out(api_key, *headers.values())
     server = None
     try:
-        if live := open_chunks(store.out):
+        if live := open_batch_chunks(store.out):
             raise JobError(f"{out}: {live} batch chunk(s) are still with the provider; sending their images "
                            f"online too would pay twice. Run `caption batch collect {out}` (or cancel them)")
         done, sent_shas = await asyncio.to_thread(store.resume_index)
         base_url = job.endpoint.base_url
         if base_url == jobmod.LOCAL_BASE_URL:
-            from .localserver import LocalServer  # the demo endpoint, started only when asked for
+            from ..localserver import LocalServer  # the demo endpoint, started only when asked for
 
             server = LocalServer()
             base_url = await asyncio.to_thread(server.start)

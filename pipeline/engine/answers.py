@@ -13,10 +13,10 @@ import json
 import re
 from typing import Any
 
-from . import cost
-from .errors import BadOutputError, FatalError
-from .job import Job
-from .records import ChatResult, Usage
+from .. import cost
+from ..errors import BadOutputError, FatalError
+from ..job import Job
+from ..records import ChatResult, Usage
 
 __all__ = ["answer_fields", "billed_fields", "parse_fields", "quality_flags"]
 

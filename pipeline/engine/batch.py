@@ -54,10 +54,10 @@ from typing import Any
 import aiohttp
 import tqdm
 
-from . import answers, images
-from . import job as jobmod
-from .client import build_payload, classify_response, parse_batch_response, wants_max_completion_tokens
-from .errors import (
+from .. import images
+from .. import job as jobmod
+from ..client import build_payload, classify_response, parse_batch_response, wants_max_completion_tokens
+from ..errors import (
     BadImageError,
     BadOutputError,
     CaptionError,
@@ -66,22 +66,20 @@ from .errors import (
     RateLimitError,
     TransientError,
 )
-from .job import Job
-from .records import ChatResult, Encoded, Result, Source
-from .runner import RunSummary
-from .store import OutFolderLock, Store, iter_rows, key_hash, write_atomic
-from .walker import walk_images
+from ..job import Job
+from ..records import BatchSummary, ChatResult, Encoded, Result, Source
+from ..store import BATCH_DIR, OPEN_CHUNK_STATES, OutFolderLock, Store, iter_rows, key_hash, open_batch_chunks, write_atomic
+from ..walker import walk_images
+from . import answers
 
 __all__ = [
     "BatchAPI",
-    "BatchSummary",
     "ChunkView",
     "PrepareSummary",
     "batch_status",
     "cancel_batches",
     "ingest_outputs",
     "load_run_job",
-    "open_chunks",
     "prepare_requests",
     "run_batch",
     "run_input",
@@ -89,7 +87,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "_batch"
+STATE_DIR = BATCH_DIR
 RUN_FILE = "_run.json"
 TOKEN_PARAM_FILE = "_token_param"  # holds "max_completion_tokens" once the server asked for it
 CRASH_ENV = "CAPTION_TEST_CRASH_AT"
@@ -103,23 +101,7 @@ LIST_SKEW_S = 3600  # listing stops at batches created this long before the chun
 POLL_BACKOFF_MAX_S = 600.0
 LIVE = ("validating", "in_progress", "finalizing", "cancelling")
 ENDED = ("completed", "failed", "expired", "cancelled")
-_OPEN_STATES = ("written", "uploaded", "submitted", "collecting")
-
-
-@dataclass(slots=True)
-class BatchSummary(RunSummary):
-    """A run's summary plus what is still with the provider."""
-
-    live_batches: int = 0
-    submitted: int = 0  # batches created by this invocation
-    detached: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        """As online; a detached run that submitted and recorded its work exits 0."""
-        if self.detached and not self.fatal and not self.interrupted:
-            return 0
-        return RunSummary.exit_code.fget(self)
+_OPEN_STATES = OPEN_CHUNK_STATES
 
 
 @dataclass(slots=True)
@@ -854,9 +836,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
     try:
         state = _State.open(out, job, Path(input_path) if input_path is not None else None)
         if base_url == jobmod.LOCAL_BASE_URL:
-            from .localserver import (
-                LocalServer,  # the demo endpoint, started only when asked for
-            )
+            from ..localserver import LocalServer  # the demo endpoint, started only when asked for
 
             server = LocalServer()
             base_url = await asyncio.to_thread(server.start)
@@ -909,18 +889,6 @@ def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
             if name != "headers":
                 overrides[f"{section}.{name}"] = value
     return jobmod.load_job(None, overrides)
-
-
-def open_chunks(out: Path) -> int:
-    """How many chunks of `out` are not collected yet (written, uploaded, with the provider)."""
-    count = 0
-    for path in (Path(out) / STATE_DIR).glob("chunk-*.json"):
-        try:
-            state = json.loads(path.read_text("utf-8")).get("state")
-        except (OSError, ValueError):
-            continue
-        count += state in _OPEN_STATES
-    return count
 
 
 async def batch_status(out: str | Path, job: Job, *, api_key: str | None, headers: dict[str, str],
