@@ -1,13 +1,130 @@
-"""Shared fixtures. One bundled endpoint serves the whole session; each test gets it freshly reset."""
+"""Shared fixtures and helpers. One bundled endpoint serves the whole session; each test gets it freshly reset.
+
+Test modules import the plain names with `from conftest import ...` (pytest puts tests/ on sys.path):
+the paths (ROOT, SAMPLES, DEMO_JOB), the pinned Parquet schema, `read_rows(out)` and friends to read an out
+folder back, and `copy_samples` / `distinct_copies` to make input folders. `cli` runs the CLI in-process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import datetime as dt
+import json
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.localserver import LocalServer
+from pipeline.records import Result
+from pipeline.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_data"
+JOBS = ROOT / "jobs"
+DEMO_JOB = JOBS / "demo.toml"
+SAMPLE_IMAGES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix.lower() in {".jpg", ".png", ".webp"})
+"""Every image file in sample_data/ (corrupt.jpg included), by name."""
+
+EXPECTED_SCHEMA = pa.schema(
+    [
+        ("image_path", pa.string()),
+        ("image_sha256", pa.string()),
+        ("file_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sent_width", pa.int32()),
+        ("sent_height", pa.int32()),
+        ("sent_bytes", pa.int32()),
+        ("model", pa.string()),
+        ("caption", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),
+        ("reasoning_tokens", pa.int32()),
+        ("mode", pa.string()),
+        ("usage_source", pa.string()),
+        ("status", pa.string()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int16()),
+        ("latency_ms", pa.int32()),
+        ("request_id", pa.string()),
+        ("dedup_of", pa.string()),
+        ("fields", pa.string()),
+        ("flags", pa.list_(pa.string())),
+        ("job_fingerprint", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+"""The out folder's Parquet schema, written out by hand: what users' readers rely on. Compare
+against this, never against the product's own `pipeline.store.SCHEMA`."""
+
+
+# --- input folders -------------------------------------------------------------------------------
+
+
+def copy_samples(folder: Path, names: Iterable[str] | Mapping[str, str]) -> Path:
+    """Copy sample_data files into `folder` (made if missing) and return it. `names` lists sample
+    file names, or maps a path inside `folder` to the sample file to put there."""
+    pairs = names.items() if isinstance(names, Mapping) else ((name, name) for name in names)
+    folder.mkdir(parents=True, exist_ok=True)
+    for target, sample in pairs:
+        (folder / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SAMPLES / sample, folder / target)
+    return folder
+
+
+def distinct_copies(folder: Path, sample: str, names: Iterable[str]) -> Path:
+    """Write the sample file under each of `names` in `folder`, the i-th with `copy {i}` after the end of
+    the image: different files to the dedupe, the same picture to the decoder."""
+    data = (SAMPLES / sample).read_bytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(data + f"copy {i}".encode())
+    return folder
+
+
+@pytest.fixture
+def sample_folder(tmp_path: Path) -> Callable[..., Path]:
+    """`sample_folder(names)`: tmp_path/"in" holding those sample_data files (see `copy_samples`)."""
+    return lambda names: copy_samples(tmp_path / "in", names)
+
+
+# --- out folders ---------------------------------------------------------------------------------
+
+
+def read_rows(out: Path) -> list[dict]:
+    """Every row in the out folder's Parquet parts, as dicts, in part order (fails if there is no part)."""
+    assert list(Path(out).glob("part-*.parquet")), f"no Parquet part in {out}"
+    return pq.read_table(out).to_pylist()
+
+
+def latest_rows(out: Path) -> dict[str, dict]:
+    """image_path -> its latest row (the last one written)."""
+    return {row["image_path"]: row for row in read_rows(out)}
+
+
+def result_for(out: Path, image_path: str, **fields) -> Result:
+    """A `Result` row for `out`'s job (status ok, attempts 1 unless given), created now."""
+    fingerprint = json.loads((Path(out) / "_job.json").read_text())["fingerprint"]
+    fields = {"status": "ok", "attempts": 1, **fields}
+    return Result(image_path=image_path, job_fingerprint=fingerprint, created_at=dt.datetime.now(dt.timezone.utc),
+                  **fields)
+
+
+def append_rows(out: Path, *results: Result) -> None:
+    """Add rows to a run's out folder the way the runner does: same job, through the store, one new part."""
+    store = Store.open(out, json.loads((Path(out) / "_job.json").read_text()), part_rows=100_000, part_seconds=600)
+    for result in results:
+        store.append(result)
+    store.close()
+    store.release()
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +186,45 @@ def job_file(tmp_path: Path) -> Callable[..., Path]:
     return lambda **overrides: _write_job(tmp_path / "job.toml", **overrides)
 
 
+# --- running the CLI in-process -----------------------------------------------------------------
+
+
+class Ran(NamedTuple):
+    """What one in-process CLI call gave: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_main(*argv) -> int:
+    """`pipeline.cli.main` on `argv` (paths and numbers made strings); the exit code. Prefer the
+    `cli` fixture, which also captures the output; this is for fixtures wider than one test."""
+    from pipeline.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., Ran]:
+    """`cli(*argv)`: `caption *argv` in-process; `Ran(code, out, err)` with what it printed."""
+
+    def run(*argv) -> Ran:
+        capsys.readouterr()  # drop what came before, so `out`/`err` are this call's only
+        code = run_main(*argv)
+        captured = capsys.readouterr()
+        return Ran(code, captured.out, captured.err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def caption_run() -> Callable[..., int]:
     """`caption_run(server, folder, out, *flags)`: `caption run` in-process against `server`; the exit code."""
-    from pipeline.cli import main
 
     def run(server: LocalServer, folder: Path, out: Path, *flags: str) -> int:
         job = _write_job(Path(out).parent / "job.toml", limits_max_attempts=2)
-        return main(["run", str(folder), "--job", str(job), "--out", str(out), "--base-url", server.base_url,
-                     "--no-progress", *flags])
+        return run_main("run", folder, "--job", job, "--out", out, "--base-url", server.base_url, "--no-progress",
+                        *flags)
 
     return run

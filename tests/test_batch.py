@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,69 +14,60 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import DEMO_JOB, EXPECTED_SCHEMA, ROOT, read_rows
 from pipeline.engine.batch import CRASH_ENV, BatchAPI
-from pipeline.cli import main
-from pipeline.store import SCHEMA
 
-ROOT = Path(__file__).parent.parent
-SAMPLES = ROOT / "sample_data"
 GOOD = ["astronaut_eileen_collins.jpg", "brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg",
         "hubble_deep_field.jpg"]
 
 
 @pytest.fixture
-def folder(tmp_path) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in GOOD:
-        shutil.copyfile(SAMPLES / name, folder / name)
-    return folder
+def folder(sample_folder) -> Path:
+    return sample_folder(GOOD)
 
 
 def _argv(folder: Path, out: Path, server, *flags: str) -> list[str]:
-    return ["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(out),
+    return ["run", str(folder), "--job", str(DEMO_JOB), "--out", str(out),
             "--base-url", server.base_url, "--mode", "batch", "--batch-poll-s", "0.02", "--retry-base-s", "0.01",
             "--max-side", "256", "--no-progress", *flags]
 
 
-def _rows(out: Path) -> list[dict]:
-    return pq.read_table(out).to_pylist()
-
-
 def _ok_paths(out: Path) -> list[str]:
-    return sorted(r["image_path"] for r in _rows(out) if r["status"] == "ok")
+    return sorted(r["image_path"] for r in read_rows(out) if r["status"] == "ok")
 
 
 def _chunks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "_batch").glob("chunk-*.json"))]
 
 
-def test_two_chunks_end_to_end_rows_like_online(server, folder, tmp_path, capsys):
+def test_two_chunks_end_to_end_rows_like_online(server, folder, tmp_path, cli):
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--batch-max-requests", "2")) == 0
-    rows = _rows(out)
+    assert cli(*_argv(folder, out, server, "--batch-max-requests", "2")).code == 0
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD)
     assert {r["mode"] for r in rows} == {"batch"} and {r["status"] for r in rows} == {"ok"}
     assert all(r["caption"] and r["request_id"] and r["total_tokens"] and r["sent_width"] for r in rows)
-    assert all(pq.read_schema(p).equals(SCHEMA) for p in out.glob("part-*.parquet"))
+    parts = list(out.glob("part-*.parquet"))
+    assert parts and all(pq.read_schema(p).equals(EXPECTED_SCHEMA) for p in parts)
     seen = server.batches()
     assert [b.lines for b in seen] == [2, 2, 1]  # three chunks, one batch each
     assert len({b.metadata["caption_chunk"] for b in seen}) == 3
     assert [c["state"] for c in _chunks(out)] == ["collected"] * 3
     assert not list((out / "_batch").glob("chunk-*[0-9].jsonl"))  # request files go once collected
-    assert main(_argv(folder, out, server)) == 0  # again: nothing left to send
+    again = cli(*_argv(folder, out, server))
+    assert again.code == 0  # again: nothing left to send
     assert len(server.batches()) == 3
-    assert "5 already done" in capsys.readouterr().out
+    assert "5 already done" in again.out
 
 
-def test_shuffled_output_is_matched_by_custom_id(server, folder, tmp_path):
+def test_shuffled_output_is_matched_by_custom_id(server, folder, tmp_path, cli):
     online, batch = tmp_path / "online", tmp_path / "batch"
-    assert main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(online),
-                 "--base-url", server.base_url, "--max-side", "256", "--no-progress"]) == 0
+    assert cli("run", folder, "--job", DEMO_JOB, "--out", online, "--base-url", server.base_url, "--max-side", "256",
+               "--no-progress").code == 0
     server.shuffle_batch_output(True)
-    assert main(_argv(folder, batch, server)) == 0
-    captions = {r["image_path"]: r["caption"] for r in _rows(online)}
-    assert {r["image_path"]: r["caption"] for r in _rows(batch)} == captions
+    assert cli(*_argv(folder, batch, server)).code == 0
+    captions = {r["image_path"]: r["caption"] for r in read_rows(online)}
+    assert {r["image_path"]: r["caption"] for r in read_rows(batch)} == captions
     assert len(set(captions.values())) == len(GOOD)  # distinct answers, so a mix-up would show
 
 
@@ -86,42 +76,42 @@ def test_shuffled_output_is_matched_by_custom_id(server, folder, tmp_path):
     [("expired", 2, 3), ("cancelled", 2, 3)],
     ids=["expired-keeps-completed", "cancelled-keeps-completed"],
 )
-def test_batch_that_did_not_finish_is_resubmitted(server, folder, tmp_path, outcome, run_lines, resent):
+def test_batch_that_did_not_finish_is_resubmitted(server, folder, tmp_path, outcome, run_lines, resent, cli):
     server.fail_next_batch(outcome, run_lines=run_lines)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server)) == 0
+    assert cli(*_argv(folder, out, server)).code == 0
     assert [b.lines for b in server.batches()] == [5, resent]
     assert [b.status for b in server.batches()] == [outcome, "completed"]
-    rows = _rows(out)
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each: kept ones not redone
     assert sorted(r["attempts"] for r in rows) == [1] * (5 - resent) + [2] * resent
 
 
-def test_400_line_is_an_error_row_and_not_resent(server, folder, tmp_path):
+def test_400_line_is_an_error_row_and_not_resent(server, folder, tmp_path, cli):
     server.fail_batch_lines("400")
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server)) == 1
-    rows = _rows(out)
+    assert cli(*_argv(folder, out, server)).code == 1
+    rows = read_rows(out)
     errors = [r for r in rows if r["status"] == "error"]
     assert len(rows) == 5 and len(errors) == 1
     assert errors[0]["error_kind"] == "bad_request" and errors[0]["mode"] == "batch"
     assert len(server.batches()) == 1
 
 
-def test_transient_line_is_resent_in_a_later_chunk(server, folder, tmp_path):
+def test_transient_line_is_resent_in_a_later_chunk(server, folder, tmp_path, cli):
     server.fail_batch_lines("500")
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server)) == 0
+    assert cli(*_argv(folder, out, server)).code == 0
     assert [b.lines for b in server.batches()] == [5, 1]
-    assert sorted(r["attempts"] for r in _rows(out)) == [1, 1, 1, 1, 2]
+    assert sorted(r["attempts"] for r in read_rows(out)) == [1, 1, 1, 1, 2]
 
 
-def test_transient_line_ends_as_error_row_when_attempts_run_out(server, folder, tmp_path):
+def test_transient_line_ends_as_error_row_when_attempts_run_out(server, folder, tmp_path, cli):
     server.fail_batch_lines("503", times=2)
     server.shuffle_batch_output(False)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--max-attempts", "1", "--batch-max-requests", "1")) == 1
-    kinds = sorted(r["error_kind"] or "ok" for r in _rows(out))
+    assert cli(*_argv(folder, out, server, "--max-attempts", "1", "--batch-max-requests", "1")).code == 1
+    kinds = sorted(r["error_kind"] or "ok" for r in read_rows(out))
     assert kinds == ["ok", "ok", "ok", "transient", "transient"]
     assert len(server.batches()) == 5
 
@@ -133,61 +123,61 @@ def _start(folder: Path, out: Path, server, crash_at: str) -> subprocess.Complet
 
 
 @pytest.mark.parametrize("step", ["writing", "uploaded", "created", "polling", "collecting"])
-def test_kill9_in_each_window_then_rerun_submits_each_chunk_once(server, folder, tmp_path, step):
+def test_kill9_in_each_window_then_rerun_submits_each_chunk_once(server, folder, tmp_path, step, cli):
     server.set_batch_delay(0.1)
     out = tmp_path / "out"
     crashed = _start(folder, out, server, step)
     assert crashed.returncode == 137, crashed.stderr
-    assert main(_argv(folder, out, server, "--batch-max-requests", "2")) == 0
+    assert cli(*_argv(folder, out, server, "--batch-max-requests", "2")).code == 0
     chunks = _chunks(out)
     seen = server.batches()
     assert len(seen) == len(chunks) == 3  # exactly one batch per chunk
     assert sorted(b.metadata["caption_chunk"] for b in seen) == sorted(
         f"{json.loads((out / '_batch' / '_run.json').read_text())['run_id']}/{c['name']}" for c in chunks)
     assert {c["batch_id"] for c in chunks} == {b.id for b in seen}
-    rows = _rows(out)
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each, none twice
     assert _ok_paths(out) == sorted(GOOD)
 
 
-def test_detach_then_status_then_collect(server, folder, tmp_path, capsys):
+def test_detach_then_status_then_collect(server, folder, tmp_path, cli):
     server.set_batch_delay(0.3)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--batch-max-requests", "3", "--detach")) == 0
-    printed = capsys.readouterr().out
+    code, printed, _ = cli(*_argv(folder, out, server, "--batch-max-requests", "3", "--detach"))
+    assert code == 0
     assert "2 batches are with the provider" in printed and "caption batch collect" in printed
     assert not list(out.glob("part-*.parquet"))
-    assert main(["batch", "status", str(out)]) == 0
-    status = capsys.readouterr().out
+    code, status, _ = cli("batch", "status", out)
+    assert code == 0
     assert status.count("submitted") == 2 and "in_progress" in status
     time.sleep(0.5)
-    assert main(["batch", "collect", str(out)]) == 0
+    assert cli("batch", "collect", str(out)).code == 0
     assert _ok_paths(out) == sorted(GOOD)
     assert len(server.batches()) == 2
 
 
-def test_cancel_then_collect_resends_what_did_not_run(server, folder, tmp_path, capsys):
+def test_cancel_then_collect_resends_what_did_not_run(server, folder, tmp_path, cli):
     server.set_batch_delay(30)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--detach")) == 0
-    assert main(["batch", "cancel", str(out)]) == 0
-    assert "asked to cancel 1 batches" in capsys.readouterr().out
+    assert cli(*_argv(folder, out, server, "--detach")).code == 0
+    code, printed, _ = cli("batch", "cancel", out)
+    assert code == 0
+    assert "asked to cancel 1 batches" in printed
     deadline = time.monotonic() + 5
     while server.batches()[0].status != "cancelled":
         assert time.monotonic() < deadline
         time.sleep(0.02)
     server.set_batch_delay(0)
-    assert main(["batch", "collect", str(out)]) == 0  # collects the cancelled one, submits the rest anew
+    assert cli("batch", "collect", str(out)).code == 0  # collects the cancelled one, submits the rest anew
     assert [b.lines for b in server.batches()] == [5, 5]
     time.sleep(0.2)
-    assert main(["batch", "collect", str(out)]) == 0
+    assert cli("batch", "collect", str(out)).code == 0
     assert _ok_paths(out) == sorted(GOOD)
 
 
-def test_detach_against_the_in_process_endpoint_is_refused(folder, tmp_path, capsys):
-    code = main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(tmp_path / "o"),
-                 "--mode", "batch", "--detach"])
-    assert code == 2 and "--detach needs an endpoint" in capsys.readouterr().err
+def test_detach_against_the_in_process_endpoint_is_refused(folder, tmp_path, cli):
+    code, _, err = cli("run", folder, "--job", DEMO_JOB, "--out", tmp_path / "o", "--mode", "batch", "--detach")
+    assert code == 2 and "--detach needs an endpoint" in err
 
 
 async def _run_by_hand(base_url: str, requests: Path, dest: Path) -> None:
@@ -201,10 +191,10 @@ async def _run_by_hand(base_url: str, requests: Path, dest: Path) -> None:
         await api.download(batch["output_file_id"], dest)
 
 
-def test_prepare_writes_request_files_and_ingest_turns_outputs_into_rows(server, folder, tmp_path, capsys):
+def test_prepare_writes_request_files_and_ingest_turns_outputs_into_rows(server, folder, tmp_path, cli):
     dest, out = tmp_path / "requests", tmp_path / "out"
-    job = str(ROOT / "jobs" / "demo.toml")
-    assert main(["batch", "prepare", str(folder), "--job", job, "--dest", str(dest), "--batch-max-requests", "3"]) == 0
+    job = DEMO_JOB
+    assert cli("batch", "prepare", folder, "--job", job, "--dest", dest, "--batch-max-requests", "3").code == 0
     files = sorted(dest.glob("requests-*[0-9].jsonl"))
     assert len(files) == 2
     lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -214,38 +204,60 @@ def test_prepare_writes_request_files_and_ingest_turns_outputs_into_rows(server,
     outputs = [tmp_path / f"out-{i}.jsonl" for i in range(len(files))]
     for requests, output in zip(files, outputs):
         asyncio.run(_run_by_hand(server.base_url, requests, output))
-    assert main(["batch", "ingest", str(out), *map(str, outputs), "--job", job, "--prepared", str(dest)]) == 0
-    rows = _rows(out)
+    assert cli("batch", "ingest", out, *outputs, "--job", job, "--prepared", dest).code == 0
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD)
     assert all(r["mode"] == "batch" and r["image_sha256"] and r["caption"] for r in rows)
 
 
-def test_server_lists_batches_newest_first_in_pages(server, folder, tmp_path):
-    async def scenario() -> list[list[str]]:
-        async with aiohttp.ClientSession() as session:
-            api = BatchAPI(session, server.base_url, api_key=None, headers={}, timeout_s=10)
-            requests = tmp_path / "r.jsonl"
-            requests.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                                            "body": {"model": "m", "messages": []}}) + "\n")
-            file_id = await api.upload(requests)
-            for i in range(3):
-                await api.create(file_id, {"n": str(i)}, "24h")
-            pages, after = [], None
-            while True:
-                async with session.get(f"{server.base_url}/batches", params={"limit": "2", **({"after": after} if after else {})}) as r:
-                    page = await r.json()
-                pages.append([b["metadata"]["n"] for b in page["data"]])
-                if not page["has_more"]:
-                    return pages
-                after = page["last_id"]
-
-    assert asyncio.run(scenario()) == [["2", "1"], ["0"]]
+async def _other_clients_batches(base_url: str, requests: Path, count: int) -> None:
+    """`count` batches that another client creates, with metadata of its own."""
+    requests.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                    "body": {"model": "m", "messages": []}}) + "\n")
+    async with aiohttp.ClientSession() as session:
+        api = BatchAPI(session, base_url, api_key=None, headers={}, timeout_s=10)
+        file_id = await api.upload(requests)
+        for i in range(count):
+            await api.create(file_id, {"n": str(i)}, "24h")
 
 
-def test_reasoning_model_lines_are_resent_with_max_completion_tokens(server, folder, tmp_path):
+def test_a_batch_created_before_a_kill_is_found_past_the_first_page_of_the_list(server, folder, tmp_path, cli,
+                                                                                 monkeypatch):
+    # kill -9 right after chunk 1's batch was created, before it was recorded; then another client
+    # creates three batches. The rerun must find chunk 1's batch by its metadata, reading the
+    # provider's list (newest first, two a page here) past the other three, and not create it again.
+    server.set_batch_delay(0.1)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--model", "local-reasoning-mini", "--batch-max-requests", "2")) == 0
-    rows = _rows(out)
+    crashed = _start(folder, out, server, "created")
+    assert crashed.returncode == 137, crashed.stderr
+    (lost,) = server.batches()
+    asyncio.run(_other_clients_batches(server.base_url, tmp_path / "other.jsonl", 3))
+    others = [b.id for b in server.batches()[1:]]
+    monkeypatch.setattr("pipeline.engine.batch.LIST_PAGE", 2)
+    pages, list_page = [], BatchAPI.list_page
+
+    async def spy(api, after):
+        page = await list_page(api, after)
+        pages.append((after, [b["id"] for b in page["data"]]))
+        return page
+
+    monkeypatch.setattr(BatchAPI, "list_page", spy)
+    assert cli(*_argv(folder, out, server, "--batch-max-requests", "2")).code == 0
+    # Looking for chunk 1's batch: the newest two, then from the last of those on, where it is found.
+    assert pages[:2] == [(None, [others[2], others[1]]), (others[1], [others[0], lost.id])]
+    mine = [b for b in server.batches() if "caption_chunk" in b.metadata]
+    chunks = _chunks(out)
+    assert len(mine) == len(chunks) == 3  # one batch per chunk: the lost one was not created twice
+    assert chunks[0]["batch_id"] == lost.id and {c["batch_id"] for c in chunks} == {b.id for b in mine}
+    assert sorted(r["image_path"] for r in read_rows(out)) == sorted(GOOD)  # one row each, none twice
+    assert _ok_paths(out) == sorted(GOOD)
+    assert [b.metadata for b in server.batches() if b.id in others] == [{"n": "0"}, {"n": "1"}, {"n": "2"}]
+
+
+def test_reasoning_model_lines_are_resent_with_max_completion_tokens(server, folder, tmp_path, cli):
+    out = tmp_path / "out"
+    assert cli(*_argv(folder, out, server, "--model", "local-reasoning-mini", "--batch-max-requests", "2")).code == 0
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD) and {r["status"] for r in rows} == {"ok"}
     assert all(r["reasoning_tokens"] for r in rows)
     assert (out / "_batch" / "_token_param").read_text() == "max_completion_tokens"
@@ -254,66 +266,69 @@ def test_reasoning_model_lines_are_resent_with_max_completion_tokens(server, fol
     assert {r["attempts"] for r in rows} == {2}
 
 
-def test_a_failed_poll_after_a_collection_does_not_collect_it_again(server, folder, tmp_path):
+def test_a_failed_poll_after_a_collection_does_not_collect_it_again(server, folder, tmp_path, cli):
     # Chunk 1 ends and is collected; polling chunk 2 then fails once: the next pass must not
     # collect chunk 1 a second time.
     server.set_batch_delay(0.05)
     server.fail_ended_retrieves(1, after=1)
     out = tmp_path / "out"
-    assert main(_argv(folder, out, server, "--batch-max-requests", "3")) == 0
-    rows = _rows(out)
+    assert cli(*_argv(folder, out, server, "--batch-max-requests", "3")).code == 0
+    rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == sorted(GOOD)  # one row each, none twice
 
 
-def test_an_online_run_waits_for_live_batches_instead_of_paying_twice(server, folder, tmp_path, capsys):
+def test_an_online_run_waits_for_live_batches_instead_of_paying_twice(server, folder, tmp_path, cli):
     out = tmp_path / "out"
     server.set_batch_delay(60)
-    assert main(_argv(folder, out, server, "--detach")) == 0
+    assert cli(*_argv(folder, out, server, "--detach")).code == 0
     online = [a for a in _argv(folder, out, server) if a not in ("--mode", "batch")]
-    assert main(online) == 2
-    assert "still with the provider" in capsys.readouterr().err
+    code, _, err = cli(*online)
+    assert code == 2
+    assert "still with the provider" in err
     assert server.observed() == []  # no chat request was sent
 
 
-def test_a_batch_that_fails_validation_stops_the_run_and_is_resent_later(server, folder, tmp_path, capsys):
+def test_a_batch_that_fails_validation_stops_the_run_and_is_resent_later(server, folder, tmp_path, cli):
     out = tmp_path / "out"
     server.fail_next_batch("failed")
-    assert main(_argv(folder, out, server)) == 3
-    err = capsys.readouterr().err
+    code, _, err = cli(*_argv(folder, out, server))
+    assert code == 3
     assert "failed validation" in err and len(server.batches()) == 1  # not resubmitted in a loop
-    assert not list(out.glob("part-*.parquet")) or not _rows(out)  # no image was charged an error row
-    assert main(_argv(folder, out, server)) == 0  # the next run sends them again
+    assert not list(out.glob("part-*.parquet")) or not read_rows(out)  # no image was charged an error row
+    assert cli(*_argv(folder, out, server)).code == 0  # the next run sends them again
     assert _ok_paths(out) == sorted(GOOD) and len(server.batches()) == 2
 
 
-def test_a_batch_the_provider_lost_is_sent_again(server, folder, tmp_path, capsys):
+def test_a_batch_the_provider_lost_is_sent_again(server, folder, tmp_path, cli):
     out = tmp_path / "out"
     server.set_batch_delay(60)
-    assert main(_argv(folder, out, server, "--detach")) == 0
+    assert cli(*_argv(folder, out, server, "--detach")).code == 0
     server.reset()  # the provider forgets every batch (as the bundled server does when it restarts)
-    assert main(_argv(folder, out, server)) == 0
+    code, _, err = cli(*_argv(folder, out, server))
+    assert code == 0
     assert _ok_paths(out) == sorted(GOOD)
-    assert "is gone" in capsys.readouterr().err
+    assert "is gone" in err
 
 
-def test_another_jobs_finished_chunks_do_not_end_this_jobs_images(server, folder, tmp_path):
+def test_another_jobs_finished_chunks_do_not_end_this_jobs_images(server, folder, tmp_path, cli):
     out = tmp_path / "out"
     server.fail_batch_lines("400", times=len(GOOD))  # the first job's requests are all refused
-    assert main(_argv(folder, out, server)) == 1
-    assert main(_argv(folder, out, server)) == 0  # the same job does not send its 400s again
+    assert cli(*_argv(folder, out, server)).code == 1
+    assert cli(*_argv(folder, out, server)).code == 0  # the same job does not send its 400s again
     assert len(server.batches()) == 1
     fixed = _argv(folder, out, server, "--max-side", "128", "--allow-job-change")
-    assert main(fixed) == 0  # a changed job asks for its own answers
+    assert cli(*fixed).code == 0  # a changed job asks for its own answers
     assert _ok_paths(out) == sorted(GOOD) and len(server.batches()) == 2
 
 
-def test_a_full_provider_queue_waits_for_a_live_batch_instead_of_stopping(server, folder, tmp_path, capsys):
+def test_a_full_provider_queue_waits_for_a_live_batch_instead_of_stopping(server, folder, tmp_path, cli):
     out = tmp_path / "out"
     server.set_batch_delay(0.3)
     server.fail_next_batch("expired", run_lines=1)  # chunk 1: slow, and partly done
     server.fail_next_batch("queue_full")  # chunk 2: refused, the queue is full
-    assert main(_argv(folder, out, server, "--batch-max-requests", "3")) == 0
+    code, _, err = cli(*_argv(folder, out, server, "--batch-max-requests", "3"))
+    assert code == 0
     assert _ok_paths(out) == sorted(GOOD)
     statuses = [b.status for b in server.batches()]
     assert statuses[:2] == ["expired", "failed"] and statuses.count("failed") == 1
-    assert "wait until a live batch ends" in capsys.readouterr().err
+    assert "wait until a live batch ends" in err

@@ -219,7 +219,8 @@ def test_parse_completion(body, expected):
     ],
     ids=["https-proxy", "no-proxy", "other-scheme", "none"],
 )
-def test_proxy_is_read_once_from_the_environment(monkeypatch, env, url, expected):
+def test_proxy_for_honours_the_proxy_variables_and_no_proxy(monkeypatch, env, url, expected):
+    # That the run reads them once, not per request: test_run.py::test_proxy_is_read_once_from_the_environment.
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
                  "all_proxy"):
         monkeypatch.delenv(name, raising=False)

@@ -10,43 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import EXPECTED_SCHEMA, read_rows
 from pipeline.errors import JobError
 from pipeline.records import Result
 from pipeline.store import SCHEMA, Store, key_hash
-
-EXPECTED_SCHEMA = pa.schema(
-    [
-        ("image_path", pa.string()),
-        ("image_sha256", pa.string()),
-        ("file_bytes", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("sent_width", pa.int32()),
-        ("sent_height", pa.int32()),
-        ("sent_bytes", pa.int32()),
-        ("model", pa.string()),
-        ("caption", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("total_tokens", pa.int32()),
-        ("cached_tokens", pa.int32()),
-        ("reasoning_tokens", pa.int32()),
-        ("mode", pa.string()),
-        ("usage_source", pa.string()),
-        ("status", pa.string()),
-        ("error_kind", pa.string()),
-        ("error", pa.string()),
-        ("attempts", pa.int16()),
-        ("latency_ms", pa.int32()),
-        ("request_id", pa.string()),
-        ("dedup_of", pa.string()),
-        ("fields", pa.string()),
-        ("flags", pa.list_(pa.string())),
-        ("job_fingerprint", pa.string()),
-        ("created_at", pa.timestamp("ms", tz="UTC")),
-    ]
-)
 
 SUMMARY = {"fingerprint": "f" * 16, "endpoint": {"model": "m"}}
 
@@ -62,10 +29,6 @@ def _open(out, **kw) -> Store:
     store = Store.open(out, SUMMARY, part_rows=kw.pop("part_rows", 1000), part_seconds=60, **kw)
     store.release()  # these tests open one folder many times over; the lock has tests of its own
     return store
-
-
-def _all_rows(out) -> list[dict]:
-    return pq.read_table(out).to_pylist() if list(out.glob("part-*.parquet")) else []
 
 
 def test_schema_is_pinned_and_result_maps_onto_it(tmp_path):
@@ -90,7 +53,7 @@ def test_rotation_makes_numbered_parts_and_no_journal_is_left(tmp_path):
     store.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_job.json", "_lock", "part-00001.parquet", "part-00002.parquet",
                                                           "part-00003.parquet"]
-    assert [r["image_path"] for r in _all_rows(tmp_path)] == [f"{i}.jpg" for i in range(5)]
+    assert [r["image_path"] for r in read_rows(tmp_path)] == [f"{i}.jpg" for i in range(5)]
 
 
 def test_crash_before_conversion_recovers_journal_into_a_part(tmp_path):
@@ -99,7 +62,7 @@ def test_crash_before_conversion_recovers_journal_into_a_part(tmp_path):
     store.append(_row("b.jpg"))
     # no close(): the process dies here; the journal was flushed line by line
     _open(tmp_path)
-    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg", "b.jpg"]
+    assert [r["image_path"] for r in read_rows(tmp_path)] == ["a.jpg", "b.jpg"]
     assert not list(tmp_path.glob("_journal-*"))
 
 
@@ -111,7 +74,7 @@ def test_crash_after_part_rename_before_journal_delete_writes_no_duplicate(tmp_p
     store.convert(segment)
     segment.write_bytes(kept)  # as if the delete never happened
     _open(tmp_path)
-    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg"]
+    assert [r["image_path"] for r in read_rows(tmp_path)] == ["a.jpg"]
 
 
 def test_torn_last_line_and_stale_tmp_are_dropped(tmp_path):
@@ -122,7 +85,7 @@ def test_torn_last_line_and_stale_tmp_are_dropped(tmp_path):
         handle.write('{"image_path": "b.jpg", "sta')
     (tmp_path / "_part-00009.tmp").write_bytes(b"half a parquet file")
     reopened = _open(tmp_path)
-    assert [r["image_path"] for r in _all_rows(tmp_path)] == ["a.jpg"]
+    assert [r["image_path"] for r in read_rows(tmp_path)] == ["a.jpg"]
     assert not list(tmp_path.glob("_part-*"))
     reopened.append(_row("c.jpg"))
     reopened.close()
