@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline import localserver
 from pipeline.localserver import FAULTS, LocalServer, _go_duration, _image_tokens
+from pipeline.localserver import core as localserver_core
 
 PROMPT = "Describe this image."
 GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?\d+(\.\d+)?(ms|s)$")
@@ -309,7 +310,7 @@ def test_observation_keeps_a_thumbnail_of_the_received_pixels(server):
 
 
 def test_only_the_newest_observations_keep_thumbnails(server, monkeypatch):
-    monkeypatch.setattr(localserver, "THUMBS_KEPT", 2)
+    monkeypatch.setattr(localserver_core, "THUMBS_KEPT", 2)  # the thumbnail window lives in the core
 
     for _ in range(3):
         post_chat(server, chat_payload())
@@ -623,14 +624,36 @@ def test_stop_is_idempotent_and_base_url_needs_a_running_server():
         server.base_url
 
 
-def test_localserver_imports_nothing_from_pipeline():
-    source = Path(localserver.__file__).read_text(encoding="utf-8")
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and not (node.module or "").startswith("pipeline")
+def _imported_modules(tree: ast.Module, module: str) -> list[str]:
+    """The absolute names of the modules a file imports (`module` is its own dotted name)."""
+    names = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert not any(alias.name.startswith("pipeline") for alias in node.names)
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+        elif isinstance(node, ast.ImportFrom):  # relative: resolve against the file's package
+            base = module.split(".")[: -node.level]
+            names.append(".".join([*base, node.module] if node.module else base))
+    return names
+
+
+def test_localserver_imports_nothing_from_pipeline():
+    package = Path(localserver.__file__).parent
+    files = sorted(package.glob("*.py"))
+    assert {"__init__.py", "server.py", "pixels.py", "limits.py", "openai_chat.py",
+            "openai_batch.py"} <= {f.name for f in files}
+    for path in files:
+        module = f"pipeline.localserver.{path.stem}"  # for __init__ too: `from .x` resolves inside the package
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert ast.get_docstring(tree), f"{path.name} must open with a docstring"
+        for name in _imported_modules(tree, module):
+            inside = name == "pipeline.localserver" or name.startswith("pipeline.localserver.")
+            assert inside or not (name == "pipeline" or name.startswith("pipeline.")), f"{path.name} imports {name}"
     probe = "import sys, pipeline.localserver; print(sorted(m for m in sys.modules if m.startswith('pipeline')))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parents[1]).stdout
-    assert loaded.strip() == "['pipeline', 'pipeline.localserver']"
+    loaded_names = ast.literal_eval(loaded.strip())
+    assert {"pipeline", "pipeline.localserver"} <= set(loaded_names)
+    assert all(m in ("pipeline", "pipeline.localserver") or m.startswith("pipeline.localserver.")
+               for m in loaded_names), loaded_names
