@@ -13,20 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from conftest import DEMO_JOB, ROOT, distinct_copies, read_rows
 
-ROOT = Path(__file__).parent.parent
 IMAGES = 40
 
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    data = (ROOT / "sample_data" / "coffee_cup.jpg").read_bytes()
-    for i in range(IMAGES):
-        (folder / f"{i:03d}.jpg").write_bytes(data + f"copy {i}".encode())  # distinct files: no dedupe
-    return folder
+    return distinct_copies(tmp_path / "in", "coffee_cup.jpg", [f"{i:03d}.jpg" for i in range(IMAGES)])  # no dedupe
 
 
 def _durable_rows(out: Path) -> list[dict]:
@@ -42,7 +36,7 @@ def _durable_rows(out: Path) -> list[dict]:
 
 
 def _start(folder: Path, out: Path, server) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "pipeline", "run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"),
+    argv = [sys.executable, "-m", "pipeline", "run", str(folder), "--job", str(DEMO_JOB),
             "--out", str(out), "--base-url", server.base_url, "--concurrency", "4", "--part-rows", "5",
             "--no-progress"]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -57,7 +51,7 @@ def _wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout_s: 
 
 
 @pytest.mark.parametrize("kill_after", [1, 12, 27])
-def test_sigkill_then_rerun_loses_nothing_and_duplicates_nothing(server, folder, tmp_path, kill_after):
+def test_sigkill_then_rerun_loses_nothing_and_duplicates_nothing(server, folder, tmp_path, kill_after, cli):
     server.set_latency(0.05)
     out = tmp_path / "out"
     process = _start(folder, out, server)
@@ -66,9 +60,8 @@ def test_sigkill_then_rerun_loses_nothing_and_duplicates_nothing(server, folder,
     process.wait()
     before = _durable_rows(out)
     sent_before = len(server.observed())
-    assert main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(out),
-                 "--base-url", server.base_url, "--no-progress"]) == 0
-    rows = pq.read_table(out).to_pylist()
+    assert cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url, "--no-progress").code == 0
+    rows = read_rows(out)
     ok = [r["image_path"] for r in rows if r["status"] == "ok"]
     assert sorted(ok) == sorted(f"{i:03d}.jpg" for i in range(IMAGES))  # one ok row each, no duplicate
     assert {r["request_id"] for r in before} <= {r["request_id"] for r in rows}  # nothing written was lost
@@ -81,7 +74,7 @@ def test_sigkill_then_rerun_loses_nothing_and_duplicates_nothing(server, folder,
     assert sent_before - len(before) <= 4
 
 
-def test_sigint_finishes_in_flight_flushes_and_exits_130(server, folder, tmp_path):
+def test_sigint_finishes_in_flight_flushes_and_exits_130(server, folder, tmp_path, cli):
     server.set_latency(0.2)
     out = tmp_path / "out"
     process = _start(folder, out, server)
@@ -91,12 +84,11 @@ def test_sigint_finishes_in_flight_flushes_and_exits_130(server, folder, tmp_pat
     assert process.returncode == 130, stderr
     assert "resume with: caption run" in stderr
     assert not list(out.glob("_journal-*"))  # flushed into parts
-    rows = pq.read_table(out).to_pylist()
+    rows = read_rows(out)
     answered = [o for o in server.observed() if o.status == 200]
     assert len(rows) == len(answered)  # in-flight requests were allowed to finish and were recorded
-    assert main(["run", str(folder), "--job", str(ROOT / "jobs" / "demo.toml"), "--out", str(out),
-                 "--base-url", server.base_url, "--no-progress"]) == 0
-    assert len(pq.read_table(out)) == IMAGES
+    assert cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url, "--no-progress").code == 0
+    assert len(read_rows(out)) == IMAGES
 
 
 def test_sigterm_is_handled_like_ctrl_c(server, folder, tmp_path):

@@ -5,15 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import DEMO_JOB, SAMPLE_IMAGES, SAMPLES, copy_samples
 from pipeline import cost, images
-from pipeline.cli import main
 from pipeline.errors import BadImageError
 from pipeline.estimate import load_prices
 from pipeline.job import load_job
@@ -21,31 +20,13 @@ from pipeline.records import Result
 from pipeline.report import report
 from pipeline.store import Store
 
-ROOT = Path(__file__).parent.parent
-SAMPLES = ROOT / "sample_data"
-DEMO_JOB = ROOT / "jobs" / "demo.toml"
 T0 = dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture
-def cli(capsys):
-    """Run `caption ...` in-process; return (exit code, stdout, stderr)."""
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-def _samples(tmp_path: Path, *, skip=("corrupt.jpg",)) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for path in SAMPLES.iterdir():
-        if path.suffix != ".md" and path.name not in skip:
-            shutil.copyfile(path, folder / path.name)
-    return folder
+def folder(sample_folder) -> Path:
+    """Every sample image but corrupt.jpg (which a run would turn into an error row)."""
+    return sample_folder([name for name in SAMPLE_IMAGES if name != "corrupt.jpg"])
 
 
 # --- estimate against a recorded run ---------------------------------------------------------------
@@ -58,8 +39,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("flags", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_estimate_matches_the_prompt_tokens_a_run_recorded(server, cli, tmp_path, flags):
-    folder = _samples(tmp_path)
+def test_estimate_matches_the_prompt_tokens_a_run_recorded(server, cli, folder, tmp_path, flags):
     out = tmp_path / "out"
     code, _, err = cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url,
                        "--no-progress", *flags)
@@ -93,9 +73,7 @@ def test_estimate_counts_a_truncated_file_with_an_intact_header_as_an_image(cli)
 
 
 def test_estimate_names_unreadable_files_and_sends_nothing(server, cli, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    shutil.copyfile(SAMPLES / "rotated_exif.jpg", folder / "a.jpg")
+    folder = copy_samples(tmp_path / "in", {"a.jpg": "rotated_exif.jpg"})
     (folder / "b.jpg").write_text("not a picture")
     (folder / "c.png").write_bytes(b"")
     code, stdout, _ = cli("estimate", folder, "--job", DEMO_JOB, "--base-url", server.base_url, "--json")
@@ -105,11 +83,10 @@ def test_estimate_names_unreadable_files_and_sends_nothing(server, cli, tmp_path
     assert server.observed() == []  # --base-url points at the server: estimate still sends nothing
 
 
-def test_estimate_json_has_the_run_figures_at_the_top_level(cli, tmp_path):
+def test_estimate_json_has_the_run_figures_at_the_top_level(cli, folder, tmp_path):
     prices = tmp_path / "p.toml"
     prices.write_text('[models."my-vlm"]\ninput = 2\noutput = 10\nbatch_input = 1\nbatch_output = 5\n'
                       'source = "test"\nas_of = "2026-01-31"\n')
-    folder = _samples(tmp_path)
     base = ["estimate", folder, "--job", DEMO_JOB, "--model", "my-vlm", "--prices", prices,
             "--expected-output-tokens", "40", "--json"]
     online = json.loads(cli(*base)[1])
@@ -300,10 +277,8 @@ def test_report_splits_spend_by_model_and_mode(out, prices_file):
 
 
 def test_report_projects_the_cost_of_images_left_under_the_input(out, prices_file, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("a.jpg", "b.jpg", "d.jpg", "g.jpg", "h.jpg"):
-        shutil.copyfile(SAMPLES / "coffee_cup.jpg", folder / name)
+    folder = copy_samples(tmp_path / "in", {name: "coffee_cup.jpg" for name in ("a.jpg", "b.jpg", "d.jpg", "g.jpg",
+                                                                             "h.jpg")})
     rep = report(out, input_dir=folder, prices_file=prices_file)
     left = rep.leftover
     assert (left.images, left.left) == (5, 3)  # d, g ended as errors; h was never tried

@@ -11,11 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from conftest import EXPECTED_SCHEMA, append_rows, copy_samples, latest_rows, read_rows, result_for
 from pipeline.records import Result
-from pipeline.store import SCHEMA, Store
 
-SAMPLES = Path(__file__).parent.parent / "sample_data"
 IMAGES = {  # name in the input folder -> sample file; corrupt.jpg ends as an error row
     "coffee_cup.jpg": "coffee_cup.jpg",
     "chelsea_the_cat.jpg": "chelsea_the_cat.jpg",
@@ -25,28 +23,9 @@ IMAGES = {  # name in the input folder -> sample file; corrupt.jpg ends as an er
 OK_IMAGES = sorted(k for k in IMAGES if k != "corrupt.jpg")
 
 
-def _make_input(folder: Path, images: dict[str, str]) -> Path:
-    for name, sample in images.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SAMPLES / sample, folder / name)
-    return folder
-
-
-def _append_rows(out: Path, *results: Result) -> None:
-    """Add rows to a run's out folder the way the runner does (same job, through the store)."""
-    summary = json.loads((out / "_job.json").read_text())
-    store = Store.open(out, summary, part_rows=1000, part_seconds=60)
-    for result in results:
-        store.append(result)
-    store.close()
-    store.release()
-
-
 def _ok_row(out: Path, path: str, caption: str) -> Result:
-    fingerprint = json.loads((out / "_job.json").read_text())["fingerprint"]
-    return Result(image_path=path, status="ok", job_fingerprint=fingerprint,
-                  created_at=dt.datetime.now(dt.timezone.utc), caption=caption, model="local-caption",
-                  prompt_tokens=1, completion_tokens=2, total_tokens=3, attempts=1)
+    return result_for(out, path, caption=caption, model="local-caption", prompt_tokens=1, completion_tokens=2,
+                      total_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +33,7 @@ def captioned_template(local_server, tmp_path_factory, caption_run) -> Path:
     """One real run, made once per module: in/ (4 images, one corrupt) and out/."""
     local_server.reset()
     root = tmp_path_factory.mktemp("captioned")
-    folder = _make_input(root / "in", IMAGES)
+    folder = copy_samples(root / "in", IMAGES)
     assert caption_run(local_server, folder, root / "out") == 1  # corrupt.jpg is an error row
     return root
 
@@ -67,22 +46,13 @@ def captioned(captioned_template, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def export(capsys):
+def export(cli):
     """Run `caption export` in-process; return (exit code, stdout, stderr)."""
-
-    def run(*argv: str | Path) -> tuple[int, str, str]:
-        code = main(["export", *map(str, argv)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+    return lambda *argv: cli("export", *argv)
 
 
 def _latest_ok(out: Path) -> dict[str, dict]:
-    latest = {}
-    for row in pq.read_table(out).to_pylist():
-        latest[row["image_path"]] = row
-    return {path: row for path, row in latest.items() if row["status"] == "ok"}
+    return {path: row for path, row in latest_rows(out).items() if row["status"] == "ok"}
 
 
 # --- each format, read back by its consumer --------------------------------------------------
@@ -114,7 +84,7 @@ def _read_jsonl(_root: Path, out: Path) -> dict[str, str]:
 
 def _read_parquet(_root: Path, out: Path) -> dict[str, str]:
     table = pq.read_table(out.parent / "out.parquet")
-    assert table.schema.equals(SCHEMA)
+    assert table.schema.equals(EXPECTED_SCHEMA)
     return {r["image_path"]: r["caption"] for r in table.to_pylist()}
 
 
@@ -189,18 +159,18 @@ def test_txt_sidecars_are_mirrored_under_dest(captioned, export, tmp_path):
 
 def test_latest_row_wins_over_earlier_attempts(captioned, export):
     folder, out = captioned
-    _append_rows(out, _ok_row(out, "coffee_cup.jpg", "second answer"), _ok_row(out, "coffee_cup.jpg", "third answer"))
+    append_rows(out, _ok_row(out, "coffee_cup.jpg", "second answer"), _ok_row(out, "coffee_cup.jpg", "third answer"))
     assert export(out, "--to", "parquet")[0] == 0
     rows = pq.read_table(out.parent / "out.parquet").to_pylist()
     assert sorted(r["image_path"] for r in rows) == OK_IMAGES  # one row per image, not one per attempt
     assert next(r["caption"] for r in rows if r["image_path"] == "coffee_cup.jpg") == "third answer"
-    assert pq.read_table(out).num_rows == len(IMAGES) + 2  # the out folder itself is untouched
+    assert len(read_rows(out)) == len(IMAGES) + 2  # the out folder itself is untouched
 
 
 def test_csv_quotes_as_rfc_4180_and_txt_keeps_one_line(captioned, export):
     folder, out = captioned
     tricky = 'Un café, "très" bon;\r\nsecond line\n\tthird, ✓'
-    _append_rows(out, _ok_row(out, "coffee_cup.jpg", tricky))
+    append_rows(out, _ok_row(out, "coffee_cup.jpg", tricky))
     assert export(out, "--to", "csv", "--columns", "total_tokens")[0] == 0
     raw = (out.parent / "out.csv").read_bytes()
     assert raw.startswith(b"image_path,caption,total_tokens\r\n")  # CRLF records, no BOM
@@ -272,7 +242,7 @@ def test_bad_usage_is_one_line_and_exit_2(captioned, export, tmp_path, argv, mes
 
 
 def test_two_images_that_would_share_a_sidecar_are_refused(server, export, tmp_path, caption_run):
-    folder = _make_input(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "a.png": "horse_silhouette_1bit.png"})
+    folder = copy_samples(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "a.png": "horse_silhouette_1bit.png"})
     assert caption_run(server, folder, tmp_path / "out") == 0
     code, _, stderr = export(tmp_path / "out", "--to", "txt", "--input", folder)
     assert code == 2 and "a.jpg and a.png would both write" in stderr
@@ -281,7 +251,7 @@ def test_two_images_that_would_share_a_sidecar_are_refused(server, export, tmp_p
 
 def test_a_key_that_climbs_out_of_the_folder_is_refused(captioned, export, tmp_path):
     folder, out = captioned
-    _append_rows(out, _ok_row(out, "../../escaped.jpg", "gotcha"))
+    append_rows(out, _ok_row(out, "../../escaped.jpg", "gotcha"))
     code, _, stderr = export(out, "--to", "txt", "--dest", tmp_path / "caps")
     assert code == 2 and "'../../escaped.jpg' is not a path inside the input folder" in stderr
     assert not list(tmp_path.rglob("escaped*")) and not (tmp_path / "caps").exists()
@@ -294,7 +264,7 @@ def test_export_reads_a_folder_of_many_parts_and_lists_errors_capped(captioned, 
     errors = [Result(image_path=f"gone/{i:02d}.jpg", status="error", job_fingerprint=fingerprint, created_at=now,
                      error_kind="bad_request", error=f"nope {i}") for i in range(25)]
     for start in range(0, 25, 5):  # five more parts
-        _append_rows(out, *errors[start:start + 5])
+        append_rows(out, *errors[start:start + 5])
     code, _, stderr = export(out, "--to", "jsonl")
     assert code == 0
     lines = stderr.splitlines()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageFile, ImageOps, ImageStat
 
+from conftest import SAMPLES
 from pipeline.errors import BadImageError
 from pipeline.images import (
     MAX_PIXELS,
@@ -27,7 +28,6 @@ from pipeline.images import (
 )
 from pipeline.job import ImageSettings
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 SETTINGS = ImageSettings()  # max_side 1024, jpeg, quality 85
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import JOBS
 from pipeline.errors import JobError
 from pipeline.job import load_job, resolve_api_key, resolve_headers
 from pipeline.walker import walk_images
-
-JOBS = Path(__file__).parent.parent / "jobs"
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)

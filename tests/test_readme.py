@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from pipeline.cli import main
 
-README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _command_block() -> str:

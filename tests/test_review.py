@@ -8,23 +8,17 @@ installs it, and without it these tests fail with a message saying so rather tha
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.records import Result
+from conftest import append_rows, copy_samples, latest_rows, result_for
 from pipeline.review import write_review
-from pipeline.store import Store
 
-SAMPLES = Path(__file__).parent.parent / "sample_data"
 IMAGES = ["coffee_cup.jpg", "chelsea_the_cat.jpg", "horse_silhouette_1bit.png", "hubble_deep_field.jpg", "corrupt.jpg"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
@@ -98,36 +92,12 @@ def _render(chromium: str, page: Path, tmp_path: Path, fragment: str = "") -> _P
 # --- out folders -----------------------------------------------------------------------------
 
 
-def _append_rows(out: Path, *results: Result) -> None:
-    store = Store.open(out, json.loads((out / "_job.json").read_text()), part_rows=100_000, part_seconds=600)
-    for result in results:
-        store.append(result)
-    store.close()
-    store.release()
-
-
-def _result(out: Path, path: str, **fields) -> Result:
-    fingerprint = json.loads((out / "_job.json").read_text())["fingerprint"]
-    fields = {"status": "ok", "attempts": 1, **fields}
-    return Result(image_path=path, job_fingerprint=fingerprint, created_at=dt.datetime.now(dt.timezone.utc), **fields)
-
-
-def _latest(out: Path) -> dict[str, dict]:
-    latest = {}
-    for row in pq.read_table(out).to_pylist():
-        latest[row["image_path"]] = row
-    return latest
-
-
 @pytest.fixture(scope="module")
 def reviewed(local_server, tmp_path_factory, caption_run) -> tuple[Path, Path, Path]:
     """One real run over five images (one corrupt) and its review page with thumbnails: (in, out, page)."""
     local_server.reset()
     root = tmp_path_factory.mktemp("reviewed")
-    folder = root / "in"
-    folder.mkdir()
-    for name in IMAGES:
-        shutil.copyfile(SAMPLES / name, folder / name)
+    folder = copy_samples(root / "in", IMAGES)
     assert caption_run(local_server, folder, root / "out") == 1
     summary = write_review(root / "out", input_dir=folder)
     assert (summary.images, summary.ok, summary.errors, summary.thumbnails) == (5, 4, 1, 4)
@@ -140,7 +110,7 @@ def reviewed(local_server, tmp_path_factory, caption_run) -> tuple[Path, Path, P
 def test_rendered_cards_match_the_parquet(chromium, reviewed, tmp_path):
     _, out, page = reviewed
     rendered = _render(chromium, page, tmp_path)
-    latest = _latest(out)
+    latest = latest_rows(out)
     assert [c["@path"] for c in rendered.cards] == sorted(latest)
     for card in rendered.cards:
         row = latest[card["@path"]]
@@ -189,17 +159,18 @@ def test_page_fetches_nothing(reviewed):
 def test_fragment_filters_searches_sorts_and_pages(chromium, reviewed, tmp_path, fragment, expect):
     _, out, page = reviewed
     rendered = _render(chromium, page, tmp_path, fragment)
-    expected = expect(_latest(out))
+    expected = expect(latest_rows(out))
     assert [c["@path"] for c in rendered.cards] == expected
     if not expected:
         assert rendered.texts["count"] == "No image matches"
 
 
-def test_errors_first_flag_sets_the_default_order(chromium, reviewed, tmp_path, capsys):
+def test_errors_first_flag_sets_the_default_order(chromium, reviewed, tmp_path, cli):
     folder, out, _ = reviewed
     page = tmp_path / "review.html"
-    assert main(["review", str(out), "--input", str(folder), "--html", str(page), "--errors-first"]) == 0
-    assert f"review page of 5 images (4 ok, 1 error, 4 thumbnails) in {page}" in capsys.readouterr().out
+    code, stdout, _ = cli("review", out, "--input", folder, "--html", page, "--errors-first")
+    assert code == 0
+    assert f"review page of 5 images (4 ok, 1 error, 4 thumbnails) in {page}" in stdout
     paths = [c["@path"] for c in _render(chromium, page, tmp_path).cards]
     assert paths[0] == "corrupt.jpg" and paths[1:] == sorted(paths[1:])
     mixed = [c["@path"] for c in _render(chromium, page, tmp_path, "errors=mixed").cards]
@@ -207,16 +178,13 @@ def test_errors_first_flag_sets_the_default_order(chromium, reviewed, tmp_path, 
 
 
 def test_untrusted_text_is_shown_as_text_never_markup(chromium, server, tmp_path, caption_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    shutil.copyfile(SAMPLES / "chelsea_the_cat.jpg", folder / HOSTILE_NAME)
-    shutil.copyfile(SAMPLES / "coffee_cup.jpg", folder / "cup.jpg")
-    shutil.copyfile(SAMPLES / "brick_wall_grey.jpg", folder / "wall.jpg")
+    folder = copy_samples(tmp_path / "in", {HOSTILE_NAME: "chelsea_the_cat.jpg", "cup.jpg": "coffee_cup.jpg",
+                                            "wall.jpg": "brick_wall_grey.jpg"})
     out = tmp_path / "out"
     assert caption_run(server, folder, out) == 0
-    _append_rows(out, _result(out, "cup.jpg", caption=HOSTILE_CAPTION, total_tokens=3),
-                 _result(out, "wall.jpg", caption=HOSTILE_SCRIPT, total_tokens=2),
-                 _result(out, "gone.jpg", status="error", error_kind="bad_request", error=HOSTILE_ERROR))
+    append_rows(out, result_for(out, "cup.jpg", caption=HOSTILE_CAPTION, total_tokens=3),
+                 result_for(out, "wall.jpg", caption=HOSTILE_SCRIPT, total_tokens=2),
+                 result_for(out, "gone.jpg", status="error", error_kind="bad_request", error=HOSTILE_ERROR))
     page = write_review(out, input_dir=folder).html
     rendered = _render(chromium, page, tmp_path)
     assert rendered.title == "caption review: out"  # no handler ran
@@ -244,9 +212,9 @@ def test_ten_thousand_images_render_one_page_at_a_time(chromium, reviewed, tmp_p
     _, out, _ = reviewed
     big = tmp_path / "big"
     shutil.copytree(out, big)
-    rows = [_result(big, f"photos/{i:05d}.jpg", caption=f"photo number {i}", total_tokens=100 + i % 997,
+    rows = [result_for(big, f"photos/{i:05d}.jpg", caption=f"photo number {i}", total_tokens=100 + i % 997,
                     prompt_tokens=90, completion_tokens=10 + i % 997) for i in range(10_000)]
-    _append_rows(big, *rows)
+    append_rows(big, *rows)
     page = write_review(big).html
     rendered = _render(chromium, page, tmp_path)
     assert len(rendered.cards) == 100
@@ -269,16 +237,17 @@ def test_screenshot_shows_the_thumbnails(chromium, reviewed, tmp_path):
     assert colourful > 10_000  # photos, not only text on white: the data-URL images were allowed and drawn
 
 
-def test_review_never_overwrites_a_file_it_did_not_write(reviewed, tmp_path, capsys):
+def test_review_never_overwrites_a_file_it_did_not_write(reviewed, tmp_path, cli):
     _, out, _ = reviewed
     mine = tmp_path / "notes.html"
     mine.write_text("<p>my notes</p>")
-    assert main(["review", str(out), "--html", str(mine)]) == 2
-    assert "not a page `caption review` wrote" in capsys.readouterr().err
+    code, _, err = cli("review", out, "--html", mine)
+    assert code == 2
+    assert "not a page `caption review` wrote" in err
     assert mine.read_text() == "<p>my notes</p>"
     page = tmp_path / "page.html"
-    assert main(["review", str(out), "--html", str(page)]) == 0
-    assert main(["review", str(out), "--html", str(page)]) == 0  # its own page is regenerated
+    assert cli("review", out, "--html", page).code == 0
+    assert cli("review", out, "--html", page).code == 0  # its own page is regenerated
 
 
 def test_cards_show_their_cost_and_sort_by_it(chromium, reviewed, tmp_path):
@@ -289,7 +258,7 @@ def test_cards_show_their_cost_and_sort_by_it(chromium, reviewed, tmp_path):
                                     'source = "test"\nas_of = "2026-11-26"\n', "test prices")
     page = write_review(out, input_dir=folder, html_path=tmp_path / "priced.html", prices=prices).html
     rendered = _render(chromium, page, tmp_path, "status=ok&sort=cost-desc")
-    latest = _latest(out)
+    latest = latest_rows(out)
     usd = {p: (r["prompt_tokens"] * 1000 + r["completion_tokens"] * 4000) / 1e6 for p, r in latest.items()
            if r["status"] == "ok"}
     assert [c["@path"] for c in rendered.cards] == sorted(usd, key=lambda p: (-usd[p], p))
