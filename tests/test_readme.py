@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.cli import main
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -41,10 +40,10 @@ def _expand(words: tuple[str, ...]) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("words, flags", _commands(), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
-def test_every_flag_in_the_readme_command_list_exists(words, flags, capsys):
+def test_every_flag_in_the_readme_command_list_exists(words, flags, cli, capsys):
     for argv in _expand(words):
         with pytest.raises(SystemExit) as done:
-            main([*argv, "--help"])
+            cli(*argv, "--help")
         assert done.value.code == 0
         help_text = capsys.readouterr().out
         missing = sorted(f for f in flags if f not in help_text)
