@@ -281,7 +281,7 @@ def _add_export_and_review(commands, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
-    from .export import MAX_LISTED_ERRORS, ExportSettings, export
+    from .readers.export import MAX_LISTED_ERRORS, ExportSettings, export
 
     columns = None if args.columns is None else tuple(c.strip() for c in args.columns.split(",") if c.strip())
     summary = export(ExportSettings(out=Path(args.out), to=args.to, dest=args.dest, input=args.input,
@@ -300,9 +300,9 @@ def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_review(args: argparse.Namespace, argv: list[str]) -> int:
-    from .review import write_review
+    from .readers.review import write_review
 
-    from .estimate import load_prices
+    from .cost import load_prices
 
     summary = write_review(Path(args.out), input_dir=args.input, html_path=args.html, errors_first=args.errors_first,
                            prices=load_prices(args.prices))
@@ -348,7 +348,7 @@ def _add_estimate_and_report(commands, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_estimate(args: argparse.Namespace, argv: list[str]) -> int:
-    from .estimate import estimate, format_estimate
+    from .readers.estimate import estimate, format_estimate
 
     job = load_job(args.job, _job_overrides(args))
     models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
@@ -359,7 +359,7 @@ def _cmd_estimate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from .report import format_report, report
+    from .readers.report import format_report, report
 
     print(format_report(report(args.out, input_dir=args.input, prices_file=args.prices), as_json=args.json))
     return 0

@@ -21,6 +21,7 @@ __all__ = [
     "QuotaError",
     "ModelNotFoundError",
     "BadImageError",
+    "InternalError",
     "JobError",
 ]
 
@@ -109,6 +110,12 @@ class BadImageError(CaptionError):
     """The file cannot become an image we can send; no request is made."""
 
     kind = "bad_image"
+
+
+class InternalError(CaptionError):
+    """A bug or an answer nobody foresaw, met on one image: its row says so, and the run goes on."""
+
+    kind = "internal"
 
 
 class JobError(Exception):

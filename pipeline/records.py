@@ -12,15 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Source", "Encoded", "Usage", "ChatResult", "RateInfo", "Result", "RunSummary", "BatchSummary"]
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One image file found by the walker."""
-
-    path: Path  # where to read it (absolute or relative to the working directory)
-    key: str  # path relative to the input root, POSIX form: the resume key
+__all__ = ["Encoded", "Usage", "ChatResult", "RateInfo", "Result", "RunSummary", "BatchSummary"]
 
 
 @dataclass(frozen=True, slots=True)

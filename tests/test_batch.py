@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_JOB, EXPECTED_SCHEMA, ROOT, read_rows
-from pipeline.engine.batch import CRASH_ENV, BatchAPI
+from pipeline.engine.batch import CRASH_ENV
+from pipeline.job import Job
+from pipeline.providers.openai import OpenAIBatchBackend, OpenAIProvider
 
 GOOD = ["astronaut_eileen_collins.jpg", "brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg",
         "hubble_deep_field.jpg"]
@@ -180,15 +182,20 @@ def test_detach_against_the_in_process_endpoint_is_refused(folder, tmp_path, cli
     assert code == 2 and "--detach needs an endpoint" in err
 
 
+def _backend(session: aiohttp.ClientSession, base_url: str) -> OpenAIBatchBackend:
+    provider = OpenAIProvider(Job(), base_url, api_key=None, headers={})
+    return OpenAIBatchBackend(session, provider, base_url, api_key=None, headers={}, timeout_s=10)
+
+
 async def _run_by_hand(base_url: str, requests: Path, dest: Path) -> None:
     """Upload a prepared file, wait for its batch, download its output (as a user would by hand)."""
     async with aiohttp.ClientSession() as session:
-        api = BatchAPI(session, base_url, api_key=None, headers={}, timeout_s=10)
-        batch = await api.create(await api.upload(requests), {}, "24h")
-        while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+        api = _backend(session, base_url)
+        batch = await api.submit(await api.upload(requests), {}, "24h")
+        while not batch.ended:
             await asyncio.sleep(0.02)
-            batch = await api.retrieve(batch["id"])
-        await api.download(batch["output_file_id"], dest)
+            batch = await api.poll(batch.id)
+        await api.download(batch.result_files[0], dest)
 
 
 def test_prepare_writes_request_files_and_ingest_turns_outputs_into_rows(server, folder, tmp_path, cli):
@@ -215,10 +222,10 @@ async def _other_clients_batches(base_url: str, requests: Path, count: int) -> N
     requests.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
                                     "body": {"model": "m", "messages": []}}) + "\n")
     async with aiohttp.ClientSession() as session:
-        api = BatchAPI(session, base_url, api_key=None, headers={}, timeout_s=10)
+        api = _backend(session, base_url)
         file_id = await api.upload(requests)
         for i in range(count):
-            await api.create(file_id, {"n": str(i)}, "24h")
+            await api.submit(file_id, {"n": str(i)}, "24h")
 
 
 def test_a_batch_created_before_a_kill_is_found_past_the_first_page_of_the_list(server, folder, tmp_path, cli,
@@ -233,15 +240,15 @@ def test_a_batch_created_before_a_kill_is_found_past_the_first_page_of_the_list(
     (lost,) = server.batches()
     asyncio.run(_other_clients_batches(server.base_url, tmp_path / "other.jsonl", 3))
     others = [b.id for b in server.batches()[1:]]
-    monkeypatch.setattr("pipeline.engine.batch.LIST_PAGE", 2)
-    pages, list_page = [], BatchAPI.list_page
+    monkeypatch.setattr("pipeline.providers.openai.batch.LIST_PAGE", 2)
+    pages, list_page = [], OpenAIBatchBackend.list_page
 
     async def spy(api, after):
         page = await list_page(api, after)
         pages.append((after, [b["id"] for b in page["data"]]))
         return page
 
-    monkeypatch.setattr(BatchAPI, "list_page", spy)
+    monkeypatch.setattr(OpenAIBatchBackend, "list_page", spy)
     assert cli(*_argv(folder, out, server, "--batch-max-requests", "2")).code == 0
     # Looking for chunk 1's batch: the newest two, then from the last of those on, where it is found.
     assert pages[:2] == [(None, [others[2], others[1]]), (others[1], [others[0], lost.id])]

@@ -8,16 +8,10 @@ import time
 import pytest
 
 from pipeline import errors
-from pipeline.client import (
-    SSEDecoder,
-    build_payload,
-    classify_response,
-    parse_completion,
-    parse_duration,
-    parse_retry_after,
-    parse_usage,
-    proxy_for,
-)
+from pipeline.providers.http import proxy_for
+from pipeline.providers.openai.chat import build_payload, parse_completion, parse_usage
+from pipeline.providers.openai.errors import classify_response, parse_duration, parse_retry_after
+from pipeline.providers.sse import SSEDecoder
 from pipeline.job import load_job
 
 

@@ -8,8 +8,9 @@ import re
 import pytest
 
 from pipeline import cost
+from pipeline.cost import tokens as cost_tokens
 from pipeline.errors import JobError
-from pipeline.estimate import load_prices
+from pipeline.cost import load_prices
 
 # (model, width, height, detail, tokens): the providers' documented examples.
 VECTORS = [
@@ -44,7 +45,7 @@ def test_patch_count_matches_openai_examples(width, height, patches):
 @pytest.mark.parametrize("width,height", [(1024, 1024), (1800, 2400), (4000, 1474), (20000, 300), (33, 9000)],
                          ids=["square", "portrait", "wide", "panorama", "sliver"])
 def test_patch_count_never_exceeds_the_budget(width, height):
-    assert cost.openai_patch_count(width, height) <= cost.PATCH_BUDGET
+    assert cost.openai_patch_count(width, height) <= cost_tokens.PATCH_BUDGET
 
 
 def test_tile_count_is_exact_on_a_tile_edge():
@@ -53,8 +54,8 @@ def test_tile_count_is_exact_on_a_tile_edge():
 
 
 def test_anthropic_large_image_fits_the_budget():
-    assert cost.anthropic_image_tokens(3000, 2000) <= cost.ANTHROPIC_BUDGET
-    assert cost.anthropic_image_tokens(8000, 100) <= cost.ANTHROPIC_BUDGET
+    assert cost.anthropic_image_tokens(3000, 2000) <= cost_tokens.ANTHROPIC_BUDGET
+    assert cost.anthropic_image_tokens(8000, 100) <= cost_tokens.ANTHROPIC_BUDGET
 
 
 @pytest.mark.parametrize("model,family", [

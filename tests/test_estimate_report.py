@@ -14,10 +14,10 @@ import pytest
 from conftest import DEMO_JOB, SAMPLE_IMAGES, SAMPLES, copy_samples
 from pipeline import cost, images
 from pipeline.errors import BadImageError
-from pipeline.estimate import load_prices
+from pipeline.cost import load_prices
 from pipeline.job import load_job
 from pipeline.records import Result
-from pipeline.report import report
+from pipeline.readers.report import report
 from pipeline.store import Store
 
 T0 = dt.datetime(2026, 1, 31, 12, 0, tzinfo=dt.timezone.utc)

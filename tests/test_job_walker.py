@@ -10,7 +10,7 @@ import pytest
 from conftest import JOBS
 from pipeline.errors import JobError
 from pipeline.job import load_job, resolve_api_key, resolve_headers
-from pipeline.walker import walk_images
+from pipeline.sources.folder import walk_images
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import append_rows, copy_samples, latest_rows, result_for
-from pipeline.review import write_review
+from pipeline.readers.review import write_review
 
 IMAGES = ["coffee_cup.jpg", "chelsea_the_cat.jpg", "horse_silhouette_1bit.png", "hubble_deep_field.jpg", "corrupt.jpg"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

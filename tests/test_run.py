@@ -148,7 +148,7 @@ def test_missing_usage_is_estimated_and_marked(server, caption, job_file, tmp_pa
     assert code == 0 and row["status"] == "ok" and row["usage_source"] == "estimated"
     width, height = row["sent_width"], row["sent_height"]
     assert max(width, height) <= 768  # so OpenAI's tile rule below scales nothing before counting tiles
-    # The documented estimate for local-caption (OpenAI's tile rule; see pipeline/cost.py): 85 for
+    # The documented estimate for local-caption (OpenAI's tile rule; see pipeline/cost/tokens.py): 85 for
     # detail low, 85 + 170 per 512 px tile for high; text at four characters a token, rounded up.
     image = 85 if detail == "low" else 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)
     expected = (image + math.ceil(len(prompt) / 4), math.ceil(len(row["caption"]) / 4))

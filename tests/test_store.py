@@ -145,19 +145,36 @@ def test_parts_from_an_older_schema_are_upgraded_so_readers_see_every_column(tmp
     assert {"dedup_of", "fields", "flags"} <= set(frame.columns) and len(frame) == 2
 
 
-def test_hash_set_keeps_the_latest_flag_and_takes_additions():
+def test_latest_rows_replace_earlier_rows_of_the_same_image_and_hash_sets_take_additions():
     import array
 
-    from pipeline.store import HashSet
+    from pipeline.store import HashSet, LatestRows
 
-    latest = HashSet.of_latest(array.array("Q", [5, 3, 5, 9, 3, 1, 2**64 - 1]),
-                               array.array("b", [1, 1, 0, 1, 1, 0, 1]))
-    assert [h for h in (1, 3, 5, 9, 2**64 - 1) if h in latest] == [3, 9, 2**64 - 1]
+    hashes = array.array("Q", [5, 3, 5, 9, 3, 1, 2**64 - 1])
+    oks = [1, 1, 0, 1, 1, 0, 1]
+    latest = LatestRows.of_hashes(hashes)
+    assert [latest.is_latest(i) for i in range(len(hashes))] == [False, False, True, True, True, True, True]
+    done = HashSet.of(h for i, (h, ok) in enumerate(zip(hashes, oks)) if ok and latest.is_latest(i))
+    assert [h for h in (1, 3, 5, 9, 2**64 - 1) if h in done] == [3, 9, 2**64 - 1]
     plain = HashSet.of(array.array("Q", [7, 2, 7]))
     plain.add(4)
     plain.add(7)
     assert (2 in plain, 4 in plain, 7 in plain, 8 in plain, len(plain)) == (True, True, True, False, 3)
-    assert 1 not in HashSet.of(array.array("Q")) and len(HashSet.of_latest(array.array("Q"), array.array("b"))) == 0
+    assert 1 not in HashSet.of(array.array("Q")) and LatestRows.of_hashes(array.array("Q")).is_latest(0)
+
+
+def test_the_resume_index_follows_the_latest_row_of_each_image(tmp_path):
+    from pipeline.store import key_hash, resume_index
+
+    store = Store.open(tmp_path, SUMMARY, part_rows=10, part_seconds=60)
+    for path, status, sha in [("a.jpg", "error", None), ("b.jpg", "ok", "bb"), ("a.jpg", "ok", "aa"),
+                              ("b.jpg", "error", None)]:
+        store.append(dataclasses.replace(_row(path, status), image_sha256=sha))
+    store.close()
+    store.release()
+    done, shas = resume_index(tmp_path, SUMMARY["fingerprint"])
+    assert key_hash("a.jpg") in done and key_hash("b.jpg") not in done  # b's latest row is an error
+    assert key_hash("aa") in shas and key_hash("bb") in shas  # both were sent and answered once
 
 
 def test_an_out_folder_has_one_writer_in_a_process_too(tmp_path):

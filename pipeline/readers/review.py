@@ -1,6 +1,6 @@
-"""review.py: one self-contained HTML page to check an out folder's captions by eye.
+"""readers/review.py: one self-contained HTML page to check an out folder's captions by eye.
 
-A driver beside `export`: it reads the out folder's latest row per image (through `export`'s
+A reader beside `export`: it reads the out folder's latest row per image (through the store's
 readers), makes small JPEG thumbnails with `images.encode_image` when it is given the image folder,
 and writes one static file. No server, no CDN, no request leaves the page: the CSS and JS are inline,
 thumbnails are data URLs, and a Content-Security-Policy forbids anything else (`default-src 'none'`).
@@ -35,12 +35,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from . import cost
-from .errors import BadImageError, JobError
-from .estimate import load_prices
-from .export import check_out_folder, iter_latest_rows, latest_positions, open_atomic, source_path
-from .images import encode_image
-from .job import ImageSettings
+from .. import cost
+from ..cost import load_prices
+from ..errors import BadImageError, JobError
+from ..images import encode_image
+from ..job import ImageSettings
+from ..sources import ImageSource, Item, open_source
+from ..store import check_out_folder, iter_latest_rows, open_atomic
 
 __all__ = ["ReviewSummary", "write_review", "DEFAULT_HTML", "PAGE_SIZE"]
 
@@ -98,12 +99,13 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
     meta = {"title": _title(out), "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "page_size": page_size, "errors_first": errors_first, "thumbnails": input_dir is not None}
     counts = {"images": 0, "ok": 0, "thumbnails": 0}
-    rows = iter_latest_rows(out, _ROW_COLUMNS, latest_positions(out))
+    rows = iter_latest_rows(out, _ROW_COLUMNS)
     with open_atomic(target, overwrite=True) as handle:
         handle.write(_HEAD.replace("{title}", html.escape(meta["title"])))
         handle.write('<script type="application/json" id="review-data">{"meta":' + _script_json(meta) + ',"rows":[')
         prices = prices if prices is not None else load_prices()
-        for number, page_row in enumerate(_page_rows(rows, input_dir, counts, prices)):
+        source = open_source(input_dir) if input_dir is not None else None
+        for number, page_row in enumerate(_page_rows(rows, source, counts, prices)):
             handle.write(("," if number else "") + "\n" + _script_json(page_row))
         handle.write("\n]}</script>\n" + _TAIL)
     log.debug("review page of %d images in %s", counts["images"], target)
@@ -111,14 +113,14 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
                          errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
 
 
-def _page_rows(rows: Iterator[dict[str, Any]], input_dir: Path | None, counts: dict[str, int],
+def _page_rows(rows: Iterator[dict[str, Any]], source: ImageSource | None, counts: dict[str, int],
                prices: cost.PriceTable) -> Iterator[dict]:
     """Yield the page's row objects, thumbnailing THUMB_BATCH images at a time in a thread pool."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
         while batch := list(islice(rows, THUMB_BATCH)):
-            paths = [_image_file(input_dir, row["image_path"]) for row in batch]
-            for row, thumb in zip(batch, pool.map(_thumbnail, paths), strict=True):
+            items = [source.open_by_key(row["image_path"]) if source else None for row in batch]
+            for row, thumb in zip(batch, pool.map(_thumbnail, items), strict=True):
                 counts["images"] += 1
                 counts["ok"] += row["status"] == "ok"
                 counts["thumbnails"] += thumb is not None
@@ -143,23 +145,15 @@ def _row_cost(row: dict[str, Any], prices: cost.PriceTable) -> float | None:
                          row["cached_tokens"] or 0)
 
 
-def _image_file(input_dir: Path | None, image_path: str) -> Path | None:
-    if input_dir is None:
+def _thumbnail(item: Item | None) -> str | None:
+    """A small upright JPEG of the image as a data URL, or None when it cannot be read (or its key
+    cannot name an image of the input: no picture rather than a read elsewhere)."""
+    if item is None:
         return None
     try:
-        return source_path(input_dir, image_path)
-    except JobError:  # a key that climbs out of the folder: show no picture rather than read elsewhere
-        return None
-
-
-def _thumbnail(path: Path | None) -> str | None:
-    """A small upright JPEG of the image as a data URL, or None when it cannot be read."""
-    if path is None:
-        return None
-    try:
-        return encode_image(path.read_bytes(), _THUMB_SETTINGS).data_url()
+        return encode_image(item.read(), _THUMB_SETTINGS).data_url()
     except (OSError, BadImageError) as err:
-        log.debug("no thumbnail for %s: %s", path, err)
+        log.debug("no thumbnail for %s: %s", item.key, err)
         return None
 
 

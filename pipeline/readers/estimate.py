@@ -1,18 +1,14 @@
-"""estimate.py: what captioning a folder would cost and take, before anything is sent.
+"""readers/estimate.py: what captioning a folder would cost and take, before anything is sent.
 
-A driver, like runner.py: it walks INPUT with `walker.walk_images`, reads each file's header only
+A reader of INPUT: it walks the source (`sources.open_source`), reads each file's header only
 (`images.probe_size`: Pillow opens lazily, so no pixel is decoded), applies the job's resize rule
 (`images.fit_within`) to know the size that would be sent, and sums tokens and prices with `cost`.
 It sends no request and writes nothing. Memory stays flat however many images there are:
 per-image figures go into histograms of distinct values, never into lists.
-
-It also reads the price files (the bundled `prices.toml`, then the user's), which `report.py`
-shares through `load_prices`.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 import time
@@ -20,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import cost, images
-from .errors import BadImageError, JobError
-from .job import Job, Limits
-from .walker import walk_images
+from .. import cost, images
+from ..cost import load_prices
+from ..errors import BadImageError, JobError
+from ..job import Job, Limits
+from ..sources import open_source
 
-__all__ = ["Scenario", "ScenarioFigures", "Estimate", "estimate", "load_prices", "format_estimate"]
+__all__ = ["Scenario", "ScenarioFigures", "Estimate", "estimate", "format_estimate"]
 
 log = logging.getLogger(__name__)
 
-BUNDLED_PRICES = "prices.toml"
 """The price table shipped inside the package (package data, see pyproject.toml)."""
 
 COMPARE_DETAILS = ("low", "high")
@@ -144,24 +140,6 @@ class _Tally:
         self.tokens.add(image + self.text_tokens)
 
 
-def load_prices(user_file: str | Path | None = None) -> cost.PriceTable:
-    """Return the bundled price table with the rows of `user_file` (a TOML price file) on top.
-
-    Raises JobError when the user file is missing or malformed.
-    """
-    bundled = importlib.resources.files(__package__).joinpath(BUNDLED_PRICES).read_text(encoding="utf-8")
-    table = cost.parse_price_table(bundled, f"{__package__}/{BUNDLED_PRICES}")
-    if user_file is None:
-        return table
-    try:
-        text = Path(user_file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobError(f"{user_file}: price file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise JobError(f"{user_file}: cannot read price file: {err}") from None
-    return table.updated(cost.parse_price_table(text, str(user_file)))
-
-
 def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
              expected_output_tokens: int | None = None, mode: Mode = "online", latency_s: float = DEFAULT_LATENCY_S,
              prices: cost.PriceTable | None = None) -> Estimate:
@@ -222,9 +200,9 @@ def _walk(input_path: str | Path, tallies) -> tuple[int, int, list[str]]:
     sides = sorted({t.scenario.max_side for t in tallies})
     count = errors = 0
     examples: list[str] = []
-    for source in walk_images(input_path):
+    for source in open_source(input_path).items():
         try:
-            with open(source.path, "rb") as handle:
+            with source.open() as handle:
                 width, height = images.probe_size(handle)
         except (BadImageError, OSError) as err:
             log.debug("unreadable: %s: %s", source.key, err)

@@ -1,10 +1,10 @@
-"""report.py: what a run did and spent, read back from its out folder.
+"""readers/report.py: what a run did and spent, read back from its out folder.
 
-A driver: it streams the Parquet parts with `store.iter_rows` (a record batch at a time), prices
-the tokens with `cost`, and, given the input folder, walks it with `walker.walk_images` to project
-the cost of what is left. It writes nothing and sends nothing. Memory holds one small integer per
-image (its latest row's status and tokens, under the store's 64-bit key hash), a histogram of
-distinct token counts, and a counter per minute of the run, never the rows themselves.
+A reader: it streams the Parquet parts with `store.iter_rows` (a record batch at a time), prices
+the tokens with `cost`, and, given the input folder, walks its source (`sources.open_source`) to
+project the cost of what is left. It writes nothing and sends nothing. Memory holds 8 bytes per
+image whose latest row is ok (the store's 64-bit key hash), histograms of distinct token counts,
+and a counter per minute of the run, never the rows themselves.
 
 Two kinds of question, answered two ways: "what was spent" counts every row (every ended attempt,
 failed ones included, since a failed attempt with tokens was billed); "how did the images end"
@@ -13,6 +13,7 @@ and per-image token percentiles take the latest row of each image, as the resume
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 import json
 import statistics
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cost
-from .errors import JobError
-from .estimate import load_prices
-from .store import iter_rows, key_hash
-from .walker import walk_images
+from .. import cost
+from ..cost import load_prices
+from ..errors import JobError
+from ..sources import open_source
+from ..store import HashSet, LatestRows, iter_rows, key_hash
 
 __all__ = ["Spend", "Throughput", "Leftover", "Report", "report", "format_report"]
 
@@ -34,10 +35,6 @@ COLUMNS = ["image_path", "status", "error_kind", "model", "mode", "prompt_tokens
 """The store columns a report reads (Parquet reads only these)."""
 
 NO_MODEL = "(no model)"  # rows that never reached a server (bad_image) have no model
-
-# The latest row of an image is packed into one int: prompt tokens, completion tokens, outcome code.
-_CODE_BITS, _TOKEN_BITS = 8, 32
-_MAX_OUTCOMES = 1 << _CODE_BITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,14 +189,18 @@ class _Sums:
 
 @dataclass(slots=True)
 class _Tally:
-    """Everything a report accumulates while it streams the rows."""
+    """Everything a report accumulates while it streams the rows (memory: a few counters per model
+    and mode, histograms of distinct values, 8 bytes per image whose latest row is ok)."""
 
+    latest: LatestRows  # the store's rule: which rows are their image's latest
     groups: dict[tuple[str, str, str], _Sums] = field(default_factory=dict)
     error_kinds: Counter = field(default_factory=Counter)
-    latest: dict[int, int] = field(default_factory=dict)  # key hash → packed latest row
-    outcomes: list[str] = field(default_factory=list)  # outcome code → "ok" or error_kind
-    codes: dict[str, int] = field(default_factory=dict)  # and back
+    outcomes: Counter = field(default_factory=Counter)  # "ok" or error kind of each image's latest row
+    hists: dict[str, cost.TokenHistogram] = field(
+        default_factory=lambda: {name: cost.TokenHistogram() for name in ("prompt", "completion", "total")})
+    ok_keys: array.array = field(default_factory=lambda: array.array("Q"))  # key hashes of latest-ok images
     minutes: Counter = field(default_factory=Counter)  # Unix minute → rows
+    position: int = 0  # of the next row, across the parts
 
     def add_batch(self, batch: dict[str, list]) -> None:
         for row in zip(*(batch[c] for c in COLUMNS)):
@@ -223,29 +224,19 @@ class _Tally:
         outcome = "ok" if status == "ok" else (row["error_kind"] or "error")
         if status != "ok":
             self.error_kinds[outcome] += 1
-        self.latest[key_hash(row["image_path"])] = _pack(self._outcome_code(outcome), prompt, completion)
+        if self.latest.is_latest(self.position):
+            self._add_latest(row, outcome, prompt, completion)
+        self.position += 1
         if row["created_at"] is not None:
             self.minutes[int(row["created_at"].timestamp()) // 60] += 1
 
-    def _outcome_code(self, outcome: str) -> int:
-        """A small int for "ok" or an error kind; kinds past the 8-bit vocabulary all become "error"."""
-        code = self.codes.get(outcome)
-        if code is None:
-            if len(self.outcomes) >= _MAX_OUTCOMES - 1 and outcome != "error":
-                return self._outcome_code("error")
-            code = self.codes[outcome] = len(self.outcomes)
-            self.outcomes.append(outcome)
-        return code
-
-
-def _pack(code: int, prompt: int, completion: int) -> int:
-    limit = (1 << _TOKEN_BITS) - 1
-    return (min(prompt, limit) << (_TOKEN_BITS + _CODE_BITS)) | (min(completion, limit) << _CODE_BITS) | code
-
-
-def _unpack(value: int) -> tuple[int, int, int]:
-    mask = (1 << _TOKEN_BITS) - 1
-    return value & (_MAX_OUTCOMES - 1), value >> (_TOKEN_BITS + _CODE_BITS), (value >> _CODE_BITS) & mask
+    def _add_latest(self, row: dict[str, Any], outcome: str, prompt: int, completion: int) -> None:
+        self.outcomes[outcome] += 1
+        if outcome == "ok":
+            self.hists["prompt"].add(prompt)
+            self.hists["completion"].add(completion)
+            self.hists["total"].add(prompt + completion)
+            self.ok_keys.append(key_hash(row["image_path"]))
 
 
 def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file: str | Path | None = None,
@@ -266,7 +257,7 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
     if input_dir is not None and not Path(input_dir).exists():
         raise JobError(f"{input_dir}: input folder not found")
     prices = load_prices(prices_file) if prices is None else prices
-    tally = _Tally()
+    tally = _Tally(LatestRows.read(out))
     for batch in iter_rows(out, columns=COLUMNS):
         tally.add_batch(batch)
     spend = tuple(_spend(model, mode, sums, prices) for (model, mode), sums in _by_model_mode(tally).items())
@@ -275,7 +266,8 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
     return Report(
         out=str(out), rows=sum(s.rows for s in tally.groups.values()),
         status_rows=dict(sorted(_count_status(tally).items())),
-        error_kind_rows=dict(tally.error_kinds.most_common()), images=len(tally.latest), image_outcomes=outcomes,
+        error_kind_rows=dict(tally.error_kinds.most_common()), images=sum(outcomes.values()),
+        image_outcomes=outcomes,
         **_token_totals(tally.groups.values()), per_image=per_image,
         estimated_rows=sum(s.estimated_rows for s in tally.groups.values()),
         estimated_tokens=sum(s.estimated_tokens for s in tally.groups.values()),
@@ -341,17 +333,8 @@ def _priced_sum(groups: list[tuple[tuple[str, str, str], _Sums]], prices: cost.P
 
 def _latest_figures(tally: _Tally) -> tuple[dict[str, dict[str, float]], int, dict[str, int]]:
     """Per-image token percentiles over latest ok rows, how many images are ok, outcomes by image."""
-    hists = {"prompt": cost.TokenHistogram(), "completion": cost.TokenHistogram(), "total": cost.TokenHistogram()}
-    outcomes: Counter = Counter()
-    ok_code = tally.codes.get("ok", -1)
-    for packed in tally.latest.values():
-        code, prompt, completion = _unpack(packed)
-        outcomes[tally.outcomes[code]] += 1
-        if code == ok_code:
-            hists["prompt"].add(prompt)
-            hists["completion"].add(completion)
-            hists["total"].add(prompt + completion)
-    return {name: h.summary() for name, h in hists.items()}, outcomes["ok"], dict(outcomes.most_common())
+    per_image = {name: h.summary() for name, h in tally.hists.items()}
+    return per_image, tally.outcomes["ok"], dict(tally.outcomes.most_common())
 
 
 def _throughput(minutes: Counter) -> Throughput:
@@ -363,13 +346,11 @@ def _throughput(minutes: Counter) -> Throughput:
 def _leftover(input_dir: str | Path, tally: _Tally, ok_images: int, per_image: dict, prices: cost.PriceTable
               ) -> Leftover:
     """Walk the input folder; count images whose latest row is not ok; price them at the observed mean."""
-    ok_code = tally.codes.get("ok", -1)
+    done = HashSet.of(tally.ok_keys)
     images = left = 0
-    for source in walk_images(input_dir):
+    for item in open_source(input_dir).items():
         images += 1
-        packed = tally.latest.get(key_hash(source.key))
-        if packed is None or packed & (_MAX_OUTCOMES - 1) != ok_code:
-            left += 1
+        left += key_hash(item.key) not in done
     ok_groups = [(key, s) for key, s in tally.groups.items() if key[2] == "ok"]
     ok_rows = sum(s.rows for _, s in ok_groups)
     ok_cost = _priced_sum(ok_groups, prices)

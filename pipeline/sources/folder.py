@@ -1,4 +1,4 @@
-"""walker.py: find image files under a folder, streaming, in a deterministic order.
+"""sources/folder.py: the local folder source: image files under a folder, streaming, in a fixed order.
 
 Owns the filesystem walk and the resume key (the path relative to the root, POSIX form). It
 yields as it goes: a tree of millions of files is never listed whole, only one directory's names
@@ -12,26 +12,72 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-from .records import Source
-
-__all__ = ["IMAGE_EXTENSIONS", "walk_images"]
+__all__ = ["IMAGE_EXTENSIONS", "FileItem", "FolderSource", "key_path", "walk_images"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
-def walk_images(root: str | Path) -> Iterator[Source]:
-    """Yield a `Source` for every image file under `root`, depth first, names sorted.
+@dataclass(frozen=True, slots=True)
+class FileItem:
+    """One image file found by the walk."""
+
+    path: Path  # where to read it (absolute or relative to the working directory)
+    key: str  # path relative to the input root, POSIX form: the resume key
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+
+class FolderSource:
+    """The image files under a local folder (or one image file), as an `ImageSource`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"FolderSource({str(self.root)!r})"
+
+    def items(self) -> Iterator[FileItem]:
+        return walk_images(self.root)
+
+    def open_by_key(self, key: str) -> FileItem | None:
+        """The file a key names under `root`; None for a key that cannot name one (see `key_path`)."""
+        if self.root.is_file():
+            return FileItem(self.root, key) if key == _printable(self.root.name) else None
+        path = key_path(self.root, key)
+        return None if path is None else FileItem(path, key)
+
+
+def key_path(root: Path, key: str) -> Path | None:
+    """`root / key`, or None when the key is empty, absolute or climbs out of `root`.
+
+    Keys come from Parquet rows, which a person may have edited: nothing may be read or written
+    outside the folder it was given.
+    """
+    parts = PurePosixPath(key)
+    if not key or parts.is_absolute() or ".." in parts.parts or "\\" in key:
+        return None
+    return root.joinpath(*parts.parts)
+
+
+def walk_images(root: str | Path) -> Iterator[FileItem]:
+    """Yield a `FileItem` for every image file under `root`, depth first, names sorted.
 
     A file `root` yields itself (key: its name). Unreadable folders are logged and skipped.
     """
     root = Path(root)
     if root.is_file():
         if root.suffix.lower() in IMAGE_EXTENSIONS:
-            yield Source(path=root, key=_printable(root.name))
+            yield FileItem(path=root, key=_printable(root.name))
         return
     seen: set[tuple[int, int]] = set()  # (device, inode) of folders entered: ends symlink loops
     # A stack of (folder, key prefix, names still to visit, which of them are folders).
@@ -45,7 +91,7 @@ def walk_images(root: str | Path) -> Iterator[Source]:
         if name in subfolders:
             stack.append((folder / name, f"{prefix}{name}/", *_list_folder(folder / name, seen)))
         else:
-            yield Source(path=folder / name, key=_printable(prefix + name))
+            yield FileItem(path=folder / name, key=_printable(prefix + name))
 
 
 def _list_folder(folder: Path, seen: set[tuple[int, int]]) -> tuple[list[str], set[str]]:

@@ -1,12 +1,12 @@
-"""export.py: an out folder's captions, written where they are used: sidecar .txt, HF imagefolder, JSONL, CSV, Parquet.
+"""readers/export.py: an out folder's captions, written where they are used: sidecar .txt, HF imagefolder, JSONL, CSV, Parquet.
 
-A driver beside `runner`: it reads what `caption run` wrote (through `store.iter_rows`) and never
-changes the out folder, sends nothing and decodes no image. Each image's latest row decides, as it
-does for resume; images whose latest row is an error are listed, not exported.
+A reader: it reads what `caption run` wrote (through `store.iter_latest_rows`) and never changes
+the out folder, sends nothing and decodes no image. Each image's latest row decides, by the
+store's one rule (`store.LatestRows`), as it does for resume; images whose latest row is an error
+are listed, not exported. Images are found again through the input's source (`open_by_key`).
 
-Memory: the latest row of each image is found in two passes over the parts. The first keeps one
-integer per image (the position of its latest row, in a dict keyed by path while it is built); the
-second streams the rows at those positions into the output. Output files are streamed too.
+Memory: two passes over the parts; the first keeps 8 bytes a row while it runs and then only the
+few rows a later row replaced; the second streams the latest rows into the output files.
 
 Every file is written atomically: to a hidden temp file beside it, then moved into place. Nothing
 existing is replaced unless `overwrite` is set; the check runs over every target before the first
@@ -19,20 +19,20 @@ import csv
 import datetime as dt
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import JobError
-from .store import JOB_FILE, SCHEMA, iter_rows
+from ..errors import JobError
+from ..sources import ImageSource, open_source
+from ..sources.folder import key_path
+from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
 
 __all__ = [
     "FORMATS",
@@ -40,11 +40,6 @@ __all__ = [
     "ErrorRow",
     "ExportSummary",
     "export",
-    "check_out_folder",
-    "latest_positions",
-    "iter_latest_rows",
-    "source_path",
-    "open_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,59 +103,28 @@ class ExportSummary:
     listed_errors: tuple[ErrorRow, ...]  # the first MAX_LISTED_ERRORS of them
 
 
-# --- reading the out folder ----------------------------------------------------------------
+def _under(root: Path, image_path: str) -> Path:
+    """Where an image's file goes under `root`; JobError for a key that climbs out of it."""
+    path = key_path(root, image_path)
+    if path is None:
+        raise _outside(image_path)
+    return path
 
 
-def check_out_folder(out: Path) -> None:
-    """Raise JobError unless `out` is a folder written by `caption run`."""
-    if not out.is_dir():
-        raise JobError(f"{out}: out folder not found")
-    if not (out / JOB_FILE).is_file():
-        raise JobError(f"{out}: not an out folder of `caption run` (no {JOB_FILE})")
-    journals = [p.name for p in out.glob("_journal-*.jsonl")]
-    if journals:
-        log.warning("%s: %d journal segment(s) are not yet Parquet parts (a run is going on, or one "
-                    "crashed: `caption run` again recovers them); their rows are left out",
-                    out, len(journals))
+def _outside(image_path: str) -> JobError:
+    return JobError(f"image_path {image_path!r} is not a path inside the input folder; refusing to use it")
 
 
-def latest_positions(out: Path) -> set[int]:
-    """Return the positions (row numbers across the parts, in order) of each image's latest row.
-
-    Rows are appended in the order attempts ended and parts are numbered in that order, so the
-    last row seen for a path is its latest, which is the rule resume follows too.
-    """
-    latest: dict[str, int] = {}
-    position = 0
-    for batch in iter_rows(out, ["image_path"]):
-        for path in batch["image_path"]:
-            latest[path] = position
-            position += 1
-    return set(latest.values())
-
-
-def iter_latest_rows(out: Path, columns: Iterable[str], positions: set[int]) -> Iterator[dict[str, Any]]:
-    """Yield each image's latest row (as `{column: value}`, `image_path` always included), in written order."""
-    names = list(dict.fromkeys(["image_path", *columns]))
-    position = 0
-    for batch in iter_rows(out, names):
-        size = len(batch["image_path"])
-        for i in range(size):
-            if position + i in positions:
-                yield {name: batch[name][i] for name in names}
-        position += size
-
-
-def source_path(root: Path, image_path: str) -> Path:
-    """Return `root / image_path`, refusing a key that is absolute or climbs out of `root` (JobError).
-
-    Keys come from the Parquet rows, which a person may have edited; an export must not write
-    outside the folder it was given.
-    """
-    key = PurePosixPath(image_path)
-    if not image_path or key.is_absolute() or ".." in key.parts or "\\" in image_path:
-        raise JobError(f"image_path {image_path!r} is not a path inside the input folder; refusing to use it")
-    return root.joinpath(*key.parts)
+def _readable(source: ImageSource, image_path: str) -> bool:
+    """Can the image be read from the input? JobError for a key that cannot name one of its images."""
+    item = source.open_by_key(image_path)
+    if item is None:
+        raise _outside(image_path)
+    try:
+        with item.open():
+            return True
+    except OSError:
+        return False
 
 
 # --- the export ----------------------------------------------------------------------------
@@ -175,9 +139,9 @@ def export(settings: ExportSettings) -> ExportSummary:
     """
     check_out_folder(settings.out)
     _check_settings(settings)
-    positions = latest_positions(settings.out)
-    errors, listed, exported = _check_targets(settings, positions)
-    target, files = _WRITERS[settings.to](settings, positions)
+    latest = LatestRows.read(settings.out)
+    errors, listed, exported = _check_targets(settings, latest)
+    target, files = _WRITERS[settings.to](settings, latest)
     log.debug("exported %d captions as %s to %s", exported, settings.to, target)
     return ExportSummary(target=target, exported=exported, files=files, errors=errors,
                          listed_errors=tuple(listed))
@@ -209,13 +173,14 @@ def _check_settings(settings: ExportSettings) -> None:
         raise JobError(f"--input {settings.input}: folder not found")
 
 
-def _check_targets(settings: ExportSettings, positions: set[int]) -> tuple[int, list[ErrorRow], int]:
+def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, list[ErrorRow], int]:
     """Collect the error rows, check every file the export would write; return (errors, listed, ok)."""
     errors, listed, exported = 0, [], 0
     targets: dict[Path, str] = {}
     missing, first_missing = 0, ""
+    source = open_source(settings.input) if settings.input is not None else None
     columns = ["status", "error_kind", "error"]
-    for row in iter_latest_rows(settings.out, columns, positions):
+    for row in iter_latest_rows(settings.out, columns, latest):
         if row["status"] != "ok":
             errors += 1
             if len(listed) < MAX_LISTED_ERRORS:
@@ -223,7 +188,7 @@ def _check_targets(settings: ExportSettings, positions: set[int]) -> tuple[int, 
             continue
         exported += 1
         path = row["image_path"]
-        if settings.input is not None and not source_path(settings.input, path).is_file():
+        if source is not None and not _readable(source, path):
             missing, first_missing = missing + 1, first_missing or path
         for target in _per_image_targets(settings, path):
             if target in targets:
@@ -241,10 +206,10 @@ def _per_image_targets(settings: ExportSettings, image_path: str) -> list[Path]:
     """The files one exported image makes: its sidecar (txt) and its copy (--copy-images)."""
     found: list[Path] = []
     if settings.to == "txt":
-        image = source_path(settings.dest or settings.input, image_path)
+        image = _under(settings.dest or settings.input, image_path)
         found.append(image.with_name(image.stem + settings.caption_ext))
     if settings.copy_images:
-        found.append(source_path(settings.dest, image_path))
+        found.append(_under(settings.dest, image_path))
     return found
 
 
@@ -278,8 +243,8 @@ def _refuse_overwrites(targets: list[Path], overwrite: bool) -> None:
 # --- the writers ---------------------------------------------------------------------------
 
 
-def _iter_ok_rows(settings: ExportSettings, positions: set[int], columns: Iterable[str]) -> Iterator[dict[str, Any]]:
-    for row in iter_latest_rows(settings.out, ["status", *columns], positions):
+def _iter_ok_rows(settings: ExportSettings, latest: LatestRows, columns: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for row in iter_latest_rows(settings.out, ["status", *columns], latest):
         if row["status"] == "ok":
             yield row
 
@@ -289,7 +254,7 @@ def _extra_columns(settings: ExportSettings) -> list[str]:
     return [c for c in dict.fromkeys(chosen) if c not in ("image_path", "caption")]
 
 
-def _write_txt(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+def _write_txt(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """One `<stem><caption_ext>` per image, beside it under --input or mirrored under --dest.
 
     The caption goes on one line: kohya-ss/sd-scripts reads a DreamBooth-style subset's caption from
@@ -299,7 +264,7 @@ def _write_txt(settings: ExportSettings, positions: set[int]) -> tuple[Path, int
     """
     root = settings.dest or settings.input
     files = 0
-    for row in _iter_ok_rows(settings, positions, ["caption"]):
+    for row in _iter_ok_rows(settings, latest, ["caption"]):
         sidecar, *copy = _per_image_targets(settings, row["image_path"])
         text = _LINE_BREAKS.sub(" ", (row["caption"] or "").strip())
         with open_atomic(sidecar, settings.overwrite) as handle:
@@ -345,41 +310,41 @@ def _field_values(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
     return {column: fields.get(name) for name, column in columns.items()}
 
 
-def _json_lines(settings: ExportSettings, positions: set[int], path_key: str,
+def _json_lines(settings: ExportSettings, latest: LatestRows, path_key: str,
                 text_key: str) -> Iterator[tuple[str, str]]:
     """(image_path, JSON line) of each ok image: path and caption under the given keys, then the
     chosen columns, then the flat structured fields."""
     extra = _extra_columns(settings)
     flat = field_columns(settings.out, [path_key, text_key, *extra])
-    for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
+    for row in _iter_ok_rows(settings, latest, ["caption", "fields", *extra]):
         line = {path_key: row["image_path"], text_key: row["caption"] or ""}
         line.update((c, _json_value(row[c])) for c in extra)
         line.update(_field_values(row, flat))
         yield row["image_path"], json.dumps(line, ensure_ascii=False) + "\n"
 
 
-def _write_hf(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+def _write_hf(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns."""
     target = _single_target(settings)
     files = 1
     with open_atomic(target, settings.overwrite) as handle:
-        for image_path, line in _json_lines(settings, positions, "file_name", "text"):
+        for image_path, line in _json_lines(settings, latest, "file_name", "text"):
             handle.write(line)
             if settings.copy_images:
-                files += _copy_images(settings, image_path, [source_path(settings.dest, image_path)])
+                files += _copy_images(settings, image_path, [_under(settings.dest, image_path)])
     return target, files
 
 
-def _write_jsonl(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+def _write_jsonl(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """One JSON object per line (UTF-8, https://jsonlines.org): image_path, caption, columns."""
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite) as handle:
-        for _, line in _json_lines(settings, positions, "image_path", "caption"):
+        for _, line in _json_lines(settings, latest, "image_path", "caption"):
             handle.write(line)
     return target, 1
 
 
-def _write_csv(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+def _write_csv(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """A header, then one record per image, UTF-8 without a BOM.
 
     The csv module's default `excel` dialect is RFC 4180 (https://www.rfc-editor.org/rfc/rfc4180):
@@ -393,20 +358,20 @@ def _write_csv(settings: ExportSettings, positions: set[int]) -> tuple[Path, int
     with open_atomic(target, settings.overwrite, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_path", "caption", *extra, *flat.values()])
-        for row in _iter_ok_rows(settings, positions, ["caption", "fields", *extra]):
+        for row in _iter_ok_rows(settings, latest, ["caption", "fields", *extra]):
             fields = _field_values(row, flat).values()
             writer.writerow([row["image_path"], row["caption"] or "", *(_csv_value(row[c]) for c in extra),
                              *map(_csv_value, fields)])
     return target, 1
 
 
-def _write_parquet(settings: ExportSettings, positions: set[int]) -> tuple[Path, int]:
+def _write_parquet(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """All parts compacted into one file, one row (the latest, ok) per image, schema `store.SCHEMA`."""
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite, binary=True) as handle:
         with pq.ParquetWriter(handle, SCHEMA, compression="zstd") as writer:
             batch: list[dict[str, Any]] = []
-            for row in _iter_ok_rows(settings, positions, SCHEMA.names):
+            for row in _iter_ok_rows(settings, latest, SCHEMA.names):
                 batch.append(row)
                 if len(batch) >= PARQUET_BATCH_ROWS:
                     writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
@@ -420,10 +385,12 @@ _WRITERS = {"txt": _write_txt, "hf": _write_hf, "jsonl": _write_jsonl, "csv": _w
 
 
 def _copy_images(settings: ExportSettings, image_path: str, targets: list[Path]) -> int:
+    if not targets:
+        return 0
+    item = open_source(settings.input).open_by_key(image_path)
     for target in targets:
-        with open(source_path(settings.input, image_path), "rb") as source:
-            with open_atomic(target, settings.overwrite, binary=True) as handle:
-                shutil.copyfileobj(source, handle)
+        with item.open() as source, open_atomic(target, settings.overwrite, binary=True) as handle:
+            shutil.copyfileobj(source, handle)
     return len(targets)
 
 
@@ -437,39 +404,3 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "" if value is None else _json_value(value)
-
-
-@contextmanager
-def open_atomic(target: Path, overwrite: bool, *, binary: bool = False, newline: str | None = None) -> Iterator[IO]:
-    """Open a hidden temp file beside `target`; on a clean exit move it into place, else delete it.
-
-    Text is UTF-8. Without `overwrite`, an existing `target` is never replaced (JobError).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        if binary:
-            with open(tmp, "wb") as handle:
-                yield handle
-        else:
-            with open(tmp, "w", encoding="utf-8", newline=newline) as handle:
-                yield handle
-        _publish(tmp, target, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move `tmp` to `target` in one step; without `overwrite`, never replace a file that exists."""
-    if overwrite:
-        os.replace(tmp, target)
-        return
-    appeared = f"{target}: appeared while exporting; not overwritten (pass --overwrite to replace it)"
-    try:
-        os.link(tmp, target)  # fails if target exists, so no window between the check and the write
-    except FileExistsError:
-        raise JobError(appeared) from None
-    except OSError:  # a filesystem without hard links: the up-front check has to do
-        if target.exists():
-            raise JobError(appeared) from None
-        os.replace(tmp, target)

@@ -1,11 +1,8 @@
-"""cost.py: token and price arithmetic. Pure functions and values, no I/O.
+"""cost/tokens.py: how many tokens an image and a text cost, by model family. Pure arithmetic.
 
 Owns the image-token formula of each model family (chosen by the longest model-name prefix), the
-text-token rule, the shape of the price table and its look-up, what a token count costs, and the
-histogram that gives per-image percentiles in flat memory. It reads no file and walks no folder:
-the drivers (`estimate.py`, `report.py`) read the price files and hand their text to
-`parse_price_table`. The runner uses `estimate_usage` when a server reports no usage (rows marked
-`usage_source = estimated`).
+text-token rule, the usage estimate for a server that reports none (rows marked
+`usage_source = estimated`), and the histogram that gives per-image percentiles in flat memory.
 
 Every formula cites the provider page it comes from. Providers change these rules; when a
 recorded run disagrees with `caption estimate`, trust the run and fix the formula here.
@@ -15,43 +12,19 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
-from .errors import JobError
-from .records import Usage
+from ..records import Usage
 
-__all__ = [
-    "ImageFormula",
-    "Price",
-    "PriceTable",
-    "TokenHistogram",
-    "IMAGE_FORMULAS",
-    "FALLBACK_FORMULA",
-    "image_formula",
-    "image_tokens",
-    "openai_tile_tokens",
-    "openai_patch_count",
-    "anthropic_image_tokens",
-    "gemini_image_tokens",
-    "qwen_image_tokens",
-    "text_tokens",
-    "estimate_usage",
-    "parse_price_table",
-    "cost_usd",
-    "format_usd",
-    "PRICE_FILE_EXAMPLE",
-]
+__all__ = ["ImageFormula", "TokenHistogram", "IMAGE_FORMULAS", "FALLBACK_FORMULA", "image_formula", "image_tokens",
+           "openai_tile_tokens", "openai_patch_count", "anthropic_image_tokens", "gemini_image_tokens",
+           "qwen_image_tokens", "text_tokens", "estimate_usage"]
 
 CHARS_PER_TOKEN = 4
 """OpenAI's rule of thumb for English text: https://help.openai.com/en/articles/4936856 (the bundled
 endpoint charges text the same way, so estimates of demo runs are exact)."""
-
-TOKENS_PER_PRICE_UNIT = 1_000_000
-"""Prices are quoted in USD per million tokens by every provider in the table."""
 
 # OpenAI tile method: https://platform.openai.com/docs/guides/images-vision#calculating-costs
 # ("GPT-4o, GPT-4.1, GPT-4o-mini, CUA, and o-series (except o4-mini)").
@@ -141,12 +114,12 @@ FALLBACK_FORMULA = ImageFormula("tile", "OpenAI tile 85/170 (assumed: no rule fo
 """Used for a model no prefix matches: the most common rule among OpenAI-compatible servers."""
 
 
-def _model_key(model: str) -> str:
+def model_key(model: str) -> str:
     """The bare model name: lower case, without a routing prefix ("openai/gpt-4o", "models/gemini-...")."""
     return model.strip().lower().rsplit("/", 1)[-1]
 
 
-def _longest_prefix(name: str, prefixes: Iterable[str], *, boundary: bool) -> str | None:
+def longest_prefix(name: str, prefixes: Iterable[str], *, boundary: bool) -> str | None:
     """The longest of `prefixes` that `name` starts with (at a "-", "@" or ":" if `boundary`)."""
     best = None
     for prefix in prefixes:
@@ -162,7 +135,7 @@ def _longest_prefix(name: str, prefixes: Iterable[str], *, boundary: bool) -> st
 @functools.lru_cache(maxsize=256)
 def image_formula(model: str) -> ImageFormula:
     """Return the image formula for `model` by longest name prefix; FALLBACK_FORMULA if none matches."""
-    prefix = _longest_prefix(_model_key(model), IMAGE_FORMULAS, boundary=False)
+    prefix = longest_prefix(model_key(model), IMAGE_FORMULAS, boundary=False)
     return IMAGE_FORMULAS[prefix] if prefix else FALLBACK_FORMULA
 
 
@@ -300,139 +273,6 @@ def estimate_usage(sent_width: int, sent_height: int, detail: str, prompt_text: 
     completion = text_tokens(answer)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  source="estimated")
-
-
-# --- prices -----------------------------------------------------------------------------------
-
-PRICE_FILE_EXAMPLE = """[models."my-model"]
-input = 0.40          # USD per 1M prompt tokens
-cached_input = 0.10   # optional; default: input
-output = 1.60         # USD per 1M completion tokens (reasoning tokens included)
-batch_input = 0.20    # optional; without them batch cost is unknown
-batch_output = 0.80
-source = "https://example.com/pricing"
-as_of = "2026-01-31\""""
-"""A price file row, shown to users whose model has no price."""
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """List prices of one model, in USD per million tokens."""
-
-    model: str  # the table key: a model name or prefix (longest prefix wins)
-    input: float  # uncached prompt tokens
-    output: float  # completion tokens, reasoning tokens included
-    source: str  # where the numbers were read
-    as_of: str  # when they were read, YYYY-MM-DD
-    cached_input: float | None = None  # prompt tokens served from the provider's cache; None: as input
-    batch_input: float | None = None  # Batch API prompt tokens; None: no batch price known
-    batch_output: float | None = None  # Batch API completion tokens
-    note: str = ""  # how the row was checked, caveats
-
-    def rates(self, mode: str) -> tuple[float, float, float] | None:
-        """(input, cached input, output) per 1M tokens for `mode`; None if the mode has no price.
-
-        At batch prices cached tokens cost the batch input price: no cache discount is assumed on
-        top of the batch discount.
-        """
-        if mode == "batch":
-            if self.batch_input is None or self.batch_output is None:
-                return None
-            return self.batch_input, self.batch_input, self.batch_output
-        cached = self.input if self.cached_input is None else self.cached_input
-        return self.input, cached, self.output
-
-
-_PRICE_FIELDS = {f.name for f in fields(Price)} - {"model"}
-_REQUIRED_PRICE_FIELDS = ("input", "output", "source", "as_of")
-_DATE = re.compile(r"^(\d{4}-\d{2}(-\d{2})?|unverified)$")  # a month or a day; "unverified" says so
-
-
-class PriceTable:
-    """Prices by model-name prefix; `find` picks the longest prefix that ends at a name boundary."""
-
-    def __init__(self, rows: Mapping[str, Price] | None = None):
-        self._rows: dict[str, Price] = dict(rows or {})
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __iter__(self):
-        return iter(self._rows.values())
-
-    def find(self, model: str) -> Price | None:
-        """Return the price for `model` (e.g. "gpt-4o-2024-08-06" → the "gpt-4o" row), None if unknown.
-
-        A prefix matches only up to "-", "@" or ":" (dated snapshots, Vertex "@" versions), so
-        "gpt-5.1" does not silently take gpt-5's price.
-        """
-        prefix = _longest_prefix(_model_key(model), self._rows, boundary=True)
-        return self._rows[prefix] if prefix else None
-
-    def updated(self, other: PriceTable) -> PriceTable:
-        """A new table: this one with `other`'s rows added or replacing whole rows of the same key."""
-        return PriceTable({**self._rows, **other._rows})
-
-
-def parse_price_table(text: str, origin: str) -> PriceTable:
-    """Parse a TOML price file (`[models."name"]` tables, see PRICE_FILE_EXAMPLE) into a PriceTable.
-
-    Raises JobError naming `origin`, the model and the field for anything malformed.
-    """
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise JobError(f"{origin}: not valid TOML: {err}") from None
-    models = raw.get("models")
-    if not isinstance(models, dict) or set(raw) - {"models"}:
-        raise JobError(f'{origin}: a price file holds only [models."NAME"] tables, e.g.\n{PRICE_FILE_EXAMPLE}')
-    return PriceTable({_model_key(name): _parse_price(name, row, origin) for name, row in models.items()})
-
-
-def _parse_price(name: str, row: Any, origin: str) -> Price:
-    where = f'{origin}: [models."{name}"]'
-    if not isinstance(row, dict):
-        raise JobError(f"{where} must be a table")
-    unknown = set(row) - _PRICE_FIELDS
-    if unknown:
-        raise JobError(f"{where} unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_PRICE_FIELDS))})")
-    for key in _REQUIRED_PRICE_FIELDS:
-        if key not in row:
-            raise JobError(f"{where} needs '{key}'")
-    for key, value in row.items():
-        if key in ("source", "as_of", "note"):
-            if not isinstance(value, str):
-                raise JobError(f"{where} {key} must be a string")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise JobError(f"{where} {key} must be a price in USD per 1M tokens (a number >= 0), not {value!r}")
-    if not _DATE.match(row["as_of"]):
-        raise JobError(f"{where} as_of must be a date like 2026-01-31 or a month like 2026-01, not {row['as_of']!r}")
-    numbers = {k: float(v) for k, v in row.items() if k not in ("source", "as_of", "note")}
-    return Price(model=_model_key(name), source=row["source"], as_of=row["as_of"], note=row.get("note", ""),
-                 **numbers)
-
-
-def cost_usd(price: Price, mode: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-             ) -> float | None:
-    """Return what the tokens cost at `price` in `mode` ("online" or "batch"), None if no such price.
-
-    Cached prompt tokens (a subset of `prompt_tokens`) cost the cached input price online;
-    completion tokens, reasoning tokens included, cost the output price.
-    """
-    rates = price.rates(mode)
-    if rates is None:
-        return None
-    input_rate, cached_rate, output_rate = rates
-    cached = min(max(cached_tokens, 0), prompt_tokens)
-    dollars = ((prompt_tokens - cached) * input_rate + cached * cached_rate + completion_tokens * output_rate)
-    return dollars / TOKENS_PER_PRICE_UNIT
-
-
-def format_usd(value: float | None) -> str:
-    """Return dollars for people: "$12.35", "$0.0123", or "unknown" for None."""
-    if value is None:
-        return "unknown"
-    return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
 
 
 # --- percentiles in flat memory -------------------------------------------------------------------

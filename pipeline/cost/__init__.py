@@ -1,0 +1,34 @@
+"""cost: token and price arithmetic: `tokens.py` (image and text tokens by model family, usage
+estimates, percentiles) and `prices.py` (the price table and what tokens cost). No network; the
+only file read is a price table."""
+
+from .prices import (
+    BUNDLED_PRICES,
+    PRICE_FILE_EXAMPLE,
+    Price,
+    PriceTable,
+    cost_usd,
+    format_usd,
+    load_prices,
+    parse_price_table,
+)
+from .tokens import (
+    FALLBACK_FORMULA,
+    IMAGE_FORMULAS,
+    ImageFormula,
+    TokenHistogram,
+    anthropic_image_tokens,
+    estimate_usage,
+    gemini_image_tokens,
+    image_formula,
+    image_tokens,
+    openai_patch_count,
+    openai_tile_tokens,
+    qwen_image_tokens,
+    text_tokens,
+)
+
+__all__ = ["ImageFormula", "Price", "PriceTable", "TokenHistogram", "IMAGE_FORMULAS", "FALLBACK_FORMULA",
+           "BUNDLED_PRICES", "PRICE_FILE_EXAMPLE", "image_formula", "image_tokens", "openai_tile_tokens",
+           "openai_patch_count", "anthropic_image_tokens", "gemini_image_tokens", "qwen_image_tokens", "text_tokens",
+           "estimate_usage", "load_prices", "parse_price_table", "cost_usd", "format_usd"]

@@ -1,0 +1,258 @@
+"""engine/batch/commands.py: the batch mode's entry points: run (and collect), status, cancel, prepare, ingest.
+
+Each opens what it needs (the out folder's store and record, the job's provider and Batch API,
+the bundled endpoint for `base_url = "local"`) and hands the work to the driver or does it in a
+few lines. The CLI calls these and nothing deeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ... import job as jobmod
+from ...errors import BadImageError, FatalError, JobError
+from ...job import LOCAL_BASE_URL, Job
+from ...providers import BatchBackend, make_batch_backend, make_provider
+from ...records import BatchSummary
+from ...sources import open_source
+from ...store import BATCH_DIR, OutFolderLock, Store, key_hash
+from ..caption import Captioner, image_facts
+from ..local import bundled_endpoint
+from ..retry import RetryPolicy
+from .context import BatchRun
+from .driver import BatchDriver
+from .lines import read_line
+from .state import RUN_FILE, BatchState, ChunkWriter, IndexEntry, read_index
+from .submit import encoded_items
+
+__all__ = ["ChunkView", "PrepareSummary", "run_batch", "batch_status", "cancel_batches", "prepare_requests",
+           "ingest_outputs", "load_run_job", "run_input"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A chunk as `caption batch status` shows it."""
+
+    name: str
+    state: str
+    batch_id: str | None
+    status: str | None
+    total: int
+    completed: int
+    failed: int
+
+
+@dataclass(slots=True)
+class PrepareSummary:
+    """What `prepare_requests` wrote."""
+
+    files: list[Path] = field(default_factory=list)
+    requests: int = 0
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+
+
+def _open(job: Job, session: aiohttp.ClientSession | None, base_url: str, api_key: str | None,
+          headers: Mapping[str, str]) -> tuple[Captioner, BatchBackend]:
+    """The job's per-image step in batch mode and its Batch API (no session: lines only)."""
+    provider = make_provider(job, base_url, api_key=api_key, headers=headers)
+    backend = make_batch_backend(job, provider, session, base_url, api_key=api_key, headers=headers)
+    return Captioner(job, provider, mode="batch"), backend
+
+
+def _open_store(job: Job, out: Path, allow_job_change: bool) -> Store:
+    return Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
+                      part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+
+
+async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *, api_key: str | None,
+                    headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
+                    detach: bool = False) -> BatchSummary:
+    """Caption `input_path` through the Batch API into `out`; with `detach`, return once submitted.
+
+    Resumes whatever OUT/_batch records; `input_path` None (`caption batch collect`) takes the
+    folder recorded there. Raises JobError for a detached run against the in-process endpoint.
+    """
+    out = Path(out)
+    if input_path is None:
+        input_path = run_input(out)
+    if job.endpoint.base_url == LOCAL_BASE_URL and detach:
+        raise JobError(f"{job.source}: --detach needs an endpoint that outlives this process; "
+                       "start `caption serve` and pass --base-url http://127.0.0.1:8000/v1")
+    store = _open_store(job, out, allow_job_change)
+    store.keep_out(api_key, *headers.values())
+    summary = BatchSummary(out=out, detached=detach)
+    started = time.monotonic()
+    try:
+        state = BatchState.open(out, job, Path(input_path) if input_path is not None else None)
+        async with bundled_endpoint(job.endpoint.base_url) as base_url, \
+                aiohttp.ClientSession(trust_env=True) as session:
+            captioner, backend = _open(job, session, base_url, api_key, headers)
+            captioner.provider.adopt(state.learned())
+            run = BatchRun.start(progress=progress, captioner=captioner, backend=backend, store=store, state=state,
+                                 source=open_source(input_path) if input_path is not None else None,
+                                 summary=summary, policy=RetryPolicy.of(job.limits))
+            try:
+                await BatchDriver(run).main(detach)
+            except FatalError as err:
+                summary.fatal = str(err)
+    finally:
+        await asyncio.to_thread(store.close)
+        store.release()
+    summary.wall_s = time.monotonic() - started
+    return summary
+
+
+def _run_file(out: Path) -> dict[str, Any]:
+    path = Path(out) / BATCH_DIR / RUN_FILE
+    if not path.exists():
+        raise JobError(f"{out}: no batch run recorded here (no {BATCH_DIR}/{RUN_FILE}); "
+                       "start one with caption run ... --mode batch")
+    return json.loads(path.read_text("utf-8"))
+
+
+def run_input(out: str | Path) -> Path | None:
+    """The input folder a batch run in `out` recorded."""
+    recorded = _run_file(Path(out)).get("input")
+    return Path(recorded) if recorded else None
+
+
+def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
+    """The job a batch run in `out` ran: `job_file` if given, else rebuilt from the record.
+
+    The record holds header names, not values: pass the job file when the endpoint needs headers.
+    """
+    summary = _run_file(Path(out))["job"]
+    if job_file is not None:
+        job = jobmod.load_job(job_file, {"endpoint.mode": "batch"})
+        if job.fingerprint != summary["fingerprint"]:
+            raise JobError(f"{job_file}: is not the job of {out} (fingerprint {job.fingerprint}, "
+                           f"recorded {summary['fingerprint']})")
+        return job
+    overrides: dict[str, Any] = {"request.extra": summary.get("request", {}).get("extra", {})}
+    for section in jobmod.SECTIONS:
+        for name, value in (summary.get(section) or {}).items():
+            if name != "headers":
+                overrides[f"{section}.{name}"] = value
+    return jobmod.load_job(None, overrides)
+
+
+async def batch_status(out: str | Path, job: Job, *, api_key: str | None, headers: dict[str, str],
+                       refresh: bool = True) -> list[ChunkView]:
+    """Every chunk of `out` with its batch's status and counts (fresh from the provider if `refresh`)."""
+    state = BatchState.open(Path(out), job, None, writable=False)  # a run may be going on: read only
+    policy, views = RetryPolicy.of(job.limits), []
+    async with aiohttp.ClientSession(trust_env=True) as session:
+        _, backend = _open(job, session, job.endpoint.base_url, api_key, headers)
+        for record in state.records.values():
+            status, counts = record.status, record.counts or {}
+            if refresh and record.batch_id and record.state != "collected":
+                batch = await policy.call("status", backend.poll, record.batch_id)
+                status, counts = batch.status, batch.counts or {}
+            views.append(ChunkView(record.name, record.state, record.batch_id, status,
+                                   counts.get("total", record.lines), counts.get("completed", 0),
+                                   counts.get("failed", 0)))
+    return views
+
+
+async def cancel_batches(out: str | Path, job: Job, *, api_key: str | None,
+                         headers: dict[str, str]) -> list[str]:
+    """Ask the provider to cancel every live batch of `out`; return their ids.
+
+    Their finished lines are collected by the next run; the rest are sent again then.
+    """
+    lock = OutFolderLock(Path(out))  # not while a run is writing the same records
+    try:
+        state = BatchState.open(Path(out), job, None)
+        policy, cancelled = RetryPolicy.of(job.limits), []
+        async with aiohttp.ClientSession(trust_env=True) as session:
+            _, backend = _open(job, session, job.endpoint.base_url, api_key, headers)
+            for record in state.open_records():
+                if record.batch_id and record.state == "submitted":
+                    batch = await policy.call("cancel", backend.cancel, record.batch_id)
+                    state.save(dataclasses.replace(record, status=batch.status))
+                    cancelled.append(record.batch_id)
+        return cancelled
+    finally:
+        lock.release()
+
+
+def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> PrepareSummary:
+    """Write request JSONL files (and their index files, for `ingest_outputs`) into `dest`; send nothing.
+
+    The files are cut at the job's batch limits, for vLLM's `run_batch` or an upload by hand.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = PrepareSummary()
+    captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
+    items = ((item, 1) for item in open_source(input_path).items())
+    writer = None
+    with concurrent.futures.ThreadPoolExecutor(job.limits.preprocess_workers or os.cpu_count() or 1) as pool:
+        for item, _, encoded in encoded_items(captioner.prepare, items, pool):
+            if isinstance(encoded, BadImageError):
+                summary.bad_images.append((item.key, str(encoded)))
+                continue
+            line = backend.request_line(item.key, encoded)
+            if writer is not None and not writer.fits(line):
+                writer.close()
+                writer = None
+            if writer is None:
+                writer = ChunkWriter(dest, f"requests-{len(summary.files) + 1:05d}", job.batch)
+                summary.files.append(dest / f"{writer.name}.jsonl")
+            writer.add(line, IndexEntry(item.key, item.key, 1, image_facts(encoded)))
+            summary.requests += 1
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Path | None = None,
+                   allow_job_change: bool = False) -> BatchSummary:
+    """Turn Batch API output files into rows of `out` (custom_id is the image key).
+
+    With `prepared` (the folder `prepare_requests` wrote), rows carry the image facts from its index
+    files; without, those columns are empty. Every line becomes a row (a transient failure is an
+    error row: there is no later chunk to retry it in); lines of images already ok are skipped.
+    """
+    out = Path(out)
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise JobError(f"{', '.join(missing)}: output file not found; nothing was ingested")
+    if prepared is not None and not Path(prepared).is_dir():
+        raise JobError(f"--prepared {prepared}: folder not found")
+    index: dict[str, IndexEntry] = {}
+    for path in sorted(Path(prepared).glob("*.index.jsonl")) if prepared else []:
+        index.update((e.custom_id, e) for e in read_index(path))
+    captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
+    store = _open_store(job, out, allow_job_change)
+    summary, done = BatchSummary(out=out), store.done_keys()
+    lookup = lambda custom_id: index.get(custom_id) or IndexEntry(custom_id, custom_id, 1, {})  # noqa: E731
+    try:
+        for path in files:
+            with open(path, "rb") as handle:
+                for raw in handle:
+                    outcome = read_line(captioner, backend, raw, lookup, max_attempts=1)
+                    if outcome is None or outcome.row is None:
+                        continue
+                    if key_hash(outcome.row.image_path) in done:
+                        summary.skipped += 1
+                        continue
+                    store.append(outcome.row)
+                    summary.count(outcome.row)
+                    if outcome.row.status == "ok":
+                        done.add(key_hash(outcome.row.image_path))
+    finally:
+        store.close()
+        store.release()
+    return summary

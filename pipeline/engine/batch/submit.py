@@ -1,0 +1,154 @@
+"""engine/batch/submit.py: cut new chunks from what is left, and take each to the provider exactly once.
+
+An image is in at most one live chunk: new chunks take only images without an ok row, not in a
+chunk, not ended in this out folder's batches (a 400 is an error row, not retried here), or
+listed in a retry file. A chunk goes written → uploaded → submitted, each step recorded before
+the next. The one window a record cannot close, between "create batch" and writing its id, is
+closed by asking the provider for a batch with the chunk's metadata (job fingerprint, run id and
+chunk name) before any create, so a chunk is never submitted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from ...errors import BadImageError
+from ...providers import BatchInfo
+from ...records import Encoded
+from ...sources import Item
+from ...store import key_hash
+from ..caption import image_facts
+from .context import BatchRun
+from .state import ChunkRecord, ChunkWriter, IndexEntry, crash_point
+
+__all__ = ["Submitter", "encoded_items"]
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 32  # images encoded per trip to the thread pool
+LIST_SKEW_S = 3600  # a crashed create is looked for among batches created since the upload, less this
+
+
+def encoded_items(run_prepare, items: Iterator[tuple[Item, int]], pool: concurrent.futures.Executor
+                  ) -> Iterator[tuple[Item, int, Encoded | BadImageError]]:
+    """Prepare (item, attempt) pairs in the pool, ENCODE_BATCH at a time, in order; a bad image
+    comes back as its error instead of raising."""
+    def prepare(item: Item) -> Encoded | BadImageError:
+        try:
+            return run_prepare(item)
+        except BadImageError as err:
+            return err
+
+    while batch := list(itertools.islice(items, ENCODE_BATCH)):
+        for (item, attempt), result in zip(batch, pool.map(prepare, [i for i, _ in batch])):
+            yield item, attempt, result
+
+
+class Submitter:
+    """The submitting half of the batch driver."""
+
+    def __init__(self, run: BatchRun):
+        self.run = run
+        self._first_walk = True  # "already done" is counted on the first walk only
+
+    async def submit(self, record: ChunkRecord) -> None:
+        """written → uploaded → submitted, each step recorded before the next."""
+        run = self.run
+        if record.state == "written":
+            file_id = await run.policy.call("upload", run.backend.upload, run.state.path(record.name, ".jsonl"))
+            crash_point("uploaded")
+            record = dataclasses.replace(record, state="uploaded", file_id=file_id, uploaded_at=time.time())
+            run.state.save(record)
+        batch = await self.find_created(record)
+        if batch is None:
+            batch = await self.create(record)
+        run.state.save(dataclasses.replace(record, state="submitted", batch_id=batch.id, status=batch.status,
+                                           counts=batch.counts))
+        log.info("%s: %d requests submitted as batch %s", record.name, record.lines, batch.id)
+
+    async def create(self, record: ChunkRecord) -> BatchInfo:
+        """Create the chunk's batch once: a failed create is tried again only after the provider
+        says it did not happen after all (a lost answer must not become a second batch)."""
+        run = self.run
+        metadata = run.state.metadata(run.captioner.job, record.name)
+
+        async def create_once() -> BatchInfo:
+            batch = await run.backend.submit(record.file_id, metadata, run.captioner.job.batch.completion_window)
+            crash_point("created")
+            run.summary.submitted += 1
+            return batch
+
+        return await run.policy.call(f"{record.name}: create", create_once, after_wait=lambda: self.find_created(record))
+
+    async def find_created(self, record: ChunkRecord) -> BatchInfo | None:
+        """The provider's batch for this chunk, if one was created but not recorded (crash window)."""
+        run = self.run
+        since = record.uploaded_at - LIST_SKEW_S if record.uploaded_at else None
+        found = await run.policy.call("list batches", run.backend.find,
+                                      run.state.metadata(run.captioner.job, record.name), since)
+        if found is not None:
+            log.info("%s: found batch %s created before a crash", record.name, found.id)
+        return found
+
+    def _pending(self) -> Iterator[tuple[Item, int]]:
+        """(item, attempt number) for every image that should go into a new chunk."""
+        run = self.run
+        for item in run.source.items():
+            hashed = key_hash(item.key)
+            if hashed in run.done:
+                run.summary.skipped += self._first_walk
+                continue
+            used = run.state.ledger.get(hashed)
+            if used is None:
+                yield item, 1
+            elif used > 0:
+                yield item, used + 1
+
+    async def submit_pending(self) -> None:
+        """Stream what is left into chunk files; submit each chunk as soon as it is closed."""
+        run = self.run
+        if run.source is None:
+            return
+        loop = asyncio.get_running_loop()
+        workers = run.captioner.job.limits.preprocess_workers or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="caption-image") as pool:
+            items = encoded_items(run.captioner.prepare, self._pending(), pool)
+            writer = None
+            while (found := await loop.run_in_executor(None, next, items, None)) is not None:
+                writer = await self._add(writer, *found)
+            if writer is not None:
+                await self.close_and_submit(writer)
+        self._first_walk = False
+
+    async def _add(self, writer: ChunkWriter | None, item: Item, attempt: int,
+                   encoded: Encoded | BadImageError) -> ChunkWriter | None:
+        """Put one image's request line in the open chunk (a full chunk is submitted first)."""
+        run = self.run
+        if isinstance(encoded, BadImageError):
+            run.record_row(run.captioner.error_row(item.key, {}, encoded, attempts=0))
+            run.state.ledger[key_hash(item.key)] = 0
+            return writer
+        line = run.backend.request_line(item.key, encoded)
+        if writer is not None and not writer.fits(line):
+            await self.close_and_submit(writer)
+            writer = None
+        if writer is None:
+            writer = ChunkWriter(run.state.folder, run.state.next_name(), run.captioner.job.batch)
+            run.state.records[writer.name] = ChunkRecord(writer.name, 0, 0, "writing")
+        writer.add(line, IndexEntry(item.key, item.key, attempt, image_facts(encoded)))
+        run.state.ledger[key_hash(item.key)] = -1
+        if writer.lines == 2:
+            crash_point("writing")
+        return writer
+
+    async def close_and_submit(self, writer: ChunkWriter) -> None:
+        record = dataclasses.replace(writer.close(), job=self.run.captioner.job.fingerprint)
+        self.run.state.save(record)
+        await self.submit(record)

@@ -1,0 +1,130 @@
+"""engine/caption.py: the per-image step, the same for every driver: item → prepared image → request → row.
+
+`Captioner` reads and encodes one source item, asks the provider for its caption (with the one
+retry policy, through whatever `send` the driver gives it), and builds the one row the attempt
+ends as. It holds no queue, no store, no session and no lock, only the job and the provider, so
+it can be pickled and shipped to another process; drivers own the scheduling (queues, limits,
+dedupe, shutdown) and the writing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tenacity import AsyncRetrying
+
+from .. import images
+from ..errors import BadImageError, BadOutputError, BadRequestError, CaptionError, FatalError
+from ..job import Job
+from ..providers import HttpRequest, Provider
+from ..records import ChatResult, Encoded, Result
+from ..sources import Item
+from . import answers
+
+__all__ = ["Captioner", "Send", "image_facts"]
+
+Send = Callable[[HttpRequest, int], Awaitable[ChatResult]]
+"""How a driver sends one request: (request, tokens it counts against a budget) → answer."""
+
+
+def image_facts(encoded: Encoded | None) -> dict[str, Any]:
+    """The row fields that describe the image itself (empty when it never became one)."""
+    if encoded is None:
+        return {}
+    return {"image_sha256": encoded.sha256, "file_bytes": encoded.file_bytes, "width": encoded.width,
+            "height": encoded.height, "sent_width": encoded.sent_width, "sent_height": encoded.sent_height,
+            "sent_bytes": encoded.sent_bytes}
+
+
+@dataclass(slots=True)
+class Captioner:
+    """One job's per-image step over one provider (see the module docstring)."""
+
+    job: Job
+    provider: Provider
+    mode: Literal["online", "batch"] = "online"
+
+    def prepare(self, item: Item) -> Encoded:
+        """Read and encode one item (CPU-bound: run it off the event loop); raises BadImageError."""
+        try:
+            data = item.read()
+        except OSError as err:
+            raise BadImageError(f"cannot read file: {err.strerror or err}") from None
+        return images.encode_image(data, self.job.image)
+
+    async def caption(self, key: str, encoded: Encoded, send: Send, retrying: AsyncRetrying) -> Result:
+        """Ask for one image's caption, retrying as `retrying` says; return the row it ends as.
+
+        Raises FatalError (no other image will fare better), and whatever `send` raises that is
+        not a CaptionError (a driver's signal that the run is stopping).
+        """
+        facts = image_facts(encoded)
+        tokens = self.provider.request_tokens(encoded)
+        attempts, latency_s = 0, 0.0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    started = time.monotonic()
+                    chat = await self._attempt(encoded, tokens, send)
+                    latency_s = time.monotonic() - started
+                    fields = answers.parse_fields(self.job, chat)
+        except FatalError:
+            raise
+        except CaptionError as err:
+            return self.error_row(key, facts, err, attempts=attempts)
+        return self.ok_row(key, facts, chat, fields, attempts=attempts, latency_s=latency_s)
+
+    async def _attempt(self, encoded: Encoded, tokens: int, send: Send) -> ChatResult:
+        """One attempt; a request the server refused for a reason the provider learns from
+        (a renamed parameter) is built again and resent at once, within the same attempt."""
+        while True:
+            request = self.provider.build_request(encoded, stream=self.job.endpoint.stream)
+            try:
+                return await send(request, tokens)
+            except BadRequestError as err:
+                if not self.provider.learn(err, request):
+                    raise
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def _row(self, key: str, facts: dict[str, Any], **fields: Any) -> Result:
+        return Result(image_path=key, job_fingerprint=self.job.fingerprint, created_at=dt.datetime.now(dt.UTC),
+                      mode=self.mode, **facts, **fields)
+
+    def ok_row(self, key: str, facts: dict[str, Any], chat: ChatResult, fields: str | None, *, attempts: int,
+               latency_s: float | None = None, request_id: str | None = None) -> Result:
+        """The row of an answer that arrived and passed the job's checks."""
+        answer = answers.answer_fields(self.job, chat, facts.get("sent_width") or 0, facts.get("sent_height") or 0,
+                                       fields)
+        return self._row(key, facts, **answer, status="ok", attempts=attempts,
+                         latency_ms=None if latency_s is None else round(latency_s * 1000),
+                         request_id=chat.request_id or request_id)
+
+    def answer_row(self, key: str, facts: dict[str, Any], chat: ChatResult, *, attempts: int,
+                   request_id: str | None = None) -> Result:
+        """The row of an answer that is not asked for again: ok, or bad_output when it fails the checks."""
+        try:
+            fields = answers.parse_fields(self.job, chat)
+        except BadOutputError as bad:
+            return self.error_row(key, facts, bad, attempts=attempts, request_id=chat.request_id or request_id)
+        return self.ok_row(key, facts, chat, fields, attempts=attempts, request_id=request_id)
+
+    def error_row(self, key: str, facts: dict[str, Any], err: CaptionError, *, attempts: int,
+                  request_id: str | None = None) -> Result:
+        """The row of an image whose attempts ended in `err` (what an unusable answer was billed, kept)."""
+        return self._row(key, facts, **answers.billed_fields(err), status="error", model=self.job.endpoint.model,
+                         error_kind=err.kind, error=str(err), attempts=attempts,
+                         request_id=err.request_id or request_id)
+
+    def dedup_row(self, key: str, facts: dict[str, Any], original: Result | dict[str, Any]) -> Result:
+        """The row of a copy of an image already captioned: its caption, zero tokens, `dedup_of`."""
+        get = original.get if isinstance(original, dict) else lambda name: getattr(original, name)
+        return self._row(key, facts, status="ok", model=get("model"), caption=get("caption"),
+                         finish_reason=get("finish_reason"), fields=get("fields"),
+                         flags=answers.quality_flags(self.job, get("caption") or "", get("finish_reason")),
+                         prompt_tokens=0, completion_tokens=0, total_tokens=0, dedup_of=get("image_path"))

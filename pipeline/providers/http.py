@@ -1,0 +1,81 @@
+"""providers/http.py: the transport every provider's requests go through.
+
+Owns the HTTP exchange of one request: POST the JSON a `Provider` built, hand the rate-limit
+headers to whoever listens, and turn the answer (whole or streamed) into the provider's
+`ChatResult` or typed error. Timeouts and dropped connections become `TransientError`. Knows no
+provider's format and decides nothing: no retries, no sleeping, no counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+
+import aiohttp
+
+from ..errors import CaptionError, TransientError
+from ..records import ChatResult, RateInfo
+from .base import HttpRequest, Provider
+
+__all__ = ["Transport", "proxy_for"]
+
+
+class Transport:
+    """Sends requests over the run's one aiohttp session, with the job's time limits."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, timeout_s: float, idle_timeout_s: float, stream: bool,
+                 on_rate_info: Callable[[RateInfo], None] | None = None):
+        self._session = session
+        self._limits = (timeout_s, idle_timeout_s)
+        # sock_read is the longest silence between two stream chunks; a whole answer has only total.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_read=idle_timeout_s if stream else None)
+        self._on_rate_info = on_rate_info  # told the rate-limit counts of every response
+        self._proxies: dict[str, str | None] = {}
+
+    async def send(self, provider: Provider, request: HttpRequest) -> ChatResult:
+        """Send one request; return its answer, or raise a `CaptionError` subclass for every failure."""
+        proxy = self._proxy(request.url)
+        try:
+            async with self._session.post(request.url, json=request.body, headers=request.headers, proxy=proxy,
+                                          timeout=self._timeout) as response:
+                if self._on_rate_info is not None and (info := provider.rate_info(response.headers)):
+                    self._on_rate_info(info)
+                if response.status != 200 or response.content_type != "text/event-stream":
+                    body = await response.read()
+                    error = provider.classify(response.status, response.headers, body)
+                    if error is not None:
+                        raise error
+                    return provider.parse_body(body, response.headers)
+                parser = provider.stream_parser(response.headers)
+                async for chunk in response.content.iter_any():
+                    parser.feed(chunk)
+                return parser.result()
+        except CaptionError:
+            raise
+        except asyncio.TimeoutError:
+            raise TransientError(f"no answer within the time limit (timeout_s={self._limits[0]}, "
+                                 f"idle_timeout_s={self._limits[1]})") from None
+        except aiohttp.ClientError as err:
+            raise TransientError(f"connection failed: {type(err).__name__}: {err}") from err
+
+    def _proxy(self, url: str) -> str | None:
+        origin = url.split("/", 3)[:3]
+        key = "/".join(origin)
+        if key not in self._proxies:
+            self._proxies[key] = proxy_for(url)
+        return self._proxies[key]
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy that HTTPS_PROXY / HTTP_PROXY name for `url`, unless NO_PROXY covers its host.
+
+    Read once per run and origin: aiohttp's trust_env looks the environment (and ~/.netrc) up
+    again on every request, which cost almost a millisecond each here.
+    """
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy

@@ -1,0 +1,279 @@
+"""providers/openai/chat.py: the OpenAI chat-completions protocol, as a `Provider`.
+
+Owns the request body (system prompt, user text, image part, generation settings, structured
+output), and the parsing of answers, whole or streamed, into `ChatResult`/`Usage`. JSON stays a dict
+only inside this package. Pure: the engine's transport does the HTTP; nothing here retries,
+sleeps or counts. Error messages carry the server's words, never our headers (the API key lives
+there) or the payload (the image lives there).
+
+References:
+- Chat completions, streaming chunks, `stream_options.include_usage`:
+  https://platform.openai.com/docs/api-reference/chat
+- Structured outputs (`response_format`, refusals): https://platform.openai.com/docs/guides/structured-outputs
+- Reasoning models (`max_completion_tokens`): https://platform.openai.com/docs/guides/reasoning
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ... import cost
+from ...errors import BadOutputError, BadRequestError, CaptionError, TransientError
+from ...job import Job
+from ...records import ChatResult, Encoded, RateInfo, Usage
+from ..base import HttpRequest
+from ..sse import SSEDecoder, SSEEvent
+from .errors import loads_or_none, classify_response, parse_rate_info, wants_max_completion_tokens
+
+__all__ = ["OpenAIProvider", "build_payload", "parse_completion", "parse_usage"]
+
+log = logging.getLogger(__name__)
+
+TOKEN_PARAM = "token_param"  # the one thing this provider learns: which name max_tokens goes by
+
+
+class OpenAIProvider:
+    """OpenAI chat completions for one run: `{base_url}/chat/completions`, Bearer auth.
+
+    Remembers one thing for the whole run: which token parameter the server wants. Reasoning
+    models answer 400 to `max_tokens` and ask for `max_completion_tokens`; on that exact answer
+    `learn` switches once, logs it, and the request is sent again, instead of failing every image.
+    """
+
+    name = "openai"
+
+    def __init__(self, job: Job, base_url: str, *, api_key: str | None, headers: Mapping[str, str]):
+        self.job = job
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", **headers}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.token_param = "max_tokens"
+        self._image_formula = cost.image_formula(job.endpoint.model)  # for the TPM count before sending
+
+    def build_request(self, image: Encoded, *, stream: bool) -> HttpRequest:
+        body = build_payload(self.job, image.data_url(), stream=stream, token_param=self.token_param)
+        return HttpRequest(self.url, self._headers, body, stream)
+
+    def parse_body(self, body: bytes, headers: Mapping[str, str]) -> ChatResult:
+        return parse_completion(body, _request_id(headers))
+
+    def stream_parser(self, headers: Mapping[str, str]) -> _StreamParser:
+        return _StreamParser(headers)
+
+    def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> CaptionError | None:
+        return classify_response(status, headers, body)
+
+    def rate_info(self, headers: Mapping[str, str]) -> RateInfo | None:
+        return parse_rate_info(headers)
+
+    def request_tokens(self, image: Encoded) -> int:
+        """Prompt estimate + max_tokens: what OpenAI counts against TPM before it answers
+        (https://platform.openai.com/docs/guides/rate-limits)."""
+        prompt = self.job.prompt
+        tokens = cost.image_tokens(self._image_formula, image.sent_width, image.sent_height, self.job.image.detail)
+        return tokens + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
+
+    def learn(self, err: CaptionError, sent: HttpRequest | None = None) -> bool:
+        if not isinstance(err, BadRequestError) or not wants_max_completion_tokens(err):
+            return False
+        if self.token_param == "max_tokens":
+            self.token_param = "max_completion_tokens"
+            log.warning("server rejects max_tokens for %s; sending max_completion_tokens from now on",
+                        self.job.endpoint.model)
+        return sent is None or "max_tokens" in sent.body  # the refused request used the old name
+
+    def learned(self) -> dict[str, str]:
+        return {TOKEN_PARAM: self.token_param} if self.token_param != "max_tokens" else {}
+
+    def adopt(self, learned: Mapping[str, str]) -> None:
+        if learned.get(TOKEN_PARAM) in ("max_tokens", "max_completion_tokens"):
+            self.token_param = learned[TOKEN_PARAM]
+
+
+def _request_id(headers: Mapping[str, str]) -> str | None:
+    return headers.get("x-request-id") or headers.get("request-id")
+
+
+def build_payload(job: Job, data_url: str, *, stream: bool, token_param: str = "max_tokens") -> dict[str, Any]:
+    """Return the chat completions body for one image: system prompt, user text, image part.
+
+    `temperature` and `reasoning_effort` go only when the job sets them (reasoning models reject
+    a non-default temperature). `[request.extra]` is merged last.
+    """
+    prompt = job.prompt
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": prompt.system})
+    image = {"url": data_url, "detail": job.image.detail}
+    text = prompt.user if prompt.language is None else f"{prompt.user}\nAnswer in {prompt.language}."
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": image}]
+    messages.append({"role": "user", "content": content})
+    payload: dict[str, Any] = {"model": job.endpoint.model, "messages": messages, token_param: prompt.max_tokens}
+    if prompt.temperature is not None:
+        payload["temperature"] = prompt.temperature
+    if prompt.reasoning_effort is not None:
+        payload["reasoning_effort"] = prompt.reasoning_effort
+    if (response_format := _response_format(job)) is not None:
+        payload["response_format"] = response_format
+    if stream:
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+    payload.update(job.extra)
+    return payload
+
+
+def _response_format(job: Job) -> dict[str, Any] | None:
+    """`response_format` for structured jobs, per https://platform.openai.com/docs/guides/structured-outputs."""
+    structured = job.structured
+    if structured.format == "json_schema":
+        return {"type": "json_schema",
+                "json_schema": {"name": structured.name, "schema": structured.schema, "strict": structured.strict}}
+    if structured.format == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    """Return a `Usage` from a response's `usage` object, or None when there is none."""
+    if not isinstance(raw, dict) or "prompt_tokens" not in raw:
+        return None
+    prompt = _int(raw.get("prompt_tokens"))
+    completion = _int(raw.get("completion_tokens"))
+    total = _int(raw.get("total_tokens")) if raw.get("total_tokens") is not None else prompt + completion
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=_int_or_none(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None),
+        reasoning_tokens=_int_or_none(
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+        ),
+    )
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _message_text(content: Any) -> str:
+    """Text of a message's content: a string, or a list of parts of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _checked_result(text: str, model: str, finish: str | None, usage: Usage | None, request_id: str | None,
+                    refusal: str = "") -> ChatResult:
+    """The answer as a ChatResult, if it is one: no finish_reason or no text is a failure.
+
+    Gateways such as one-api/new-api drop an upstream error and still end cleanly, so a clean end
+    without a finish_reason is not proof of success: it is retried as transient.
+    """
+    if finish is None:
+        raise TransientError("answer ended without a finish_reason (a gateway may have dropped an upstream error)",
+                             status=200, request_id=request_id)
+    if refusal.strip() and not text.strip():  # structured outputs: https://platform.openai.com/docs/guides/structured-outputs#refusals
+        raise BadOutputError(f"the model refused: {refusal.strip()}", retryable=False, usage=usage,
+                             finish_reason=finish, status=200, request_id=request_id)
+    if not text.strip():
+        hint = " (max_tokens too small for a reasoning model?)" if finish == "length" else ""
+        raise BadOutputError(f"empty caption, finish_reason={finish}{hint}", retryable=finish != "length",
+                             usage=usage, finish_reason=finish, status=200, request_id=request_id)
+    return ChatResult(text=text.strip(), model=model, finish_reason=finish, usage=usage, request_id=request_id)
+
+
+def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
+    """Parse a non-streaming `chat.completion` body; raises TransientError/BadOutputError."""
+    data = loads_or_none(body)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise TransientError("answer is not a chat completion (malformed JSON or no choices)", status=200,
+                             request_id=request_id)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    message = message if isinstance(message, dict) else {}
+    return _checked_result(
+        _message_text(message.get("content")),
+        str(data.get("model") or ""),
+        choice.get("finish_reason"),
+        parse_usage(data.get("usage")),
+        request_id or data.get("id"),
+        refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else "",
+    )
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """What a chat.completion.chunk stream has told us so far."""
+
+    parts: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    model: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    done: bool = False
+    chunk_id: str | None = None
+
+    def take(self, event: SSEEvent, headers: Mapping[str, str]) -> None:
+        """Fold one event in; raise the typed error an error event means."""
+        if event.data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            raise TransientError("malformed JSON in the event stream", status=200) from None
+        if not isinstance(chunk, dict):
+            raise TransientError("malformed chunk in the event stream", status=200)
+        if chunk.get("error") or event.event == "error":
+            error = classify_response(200, headers, chunk if chunk.get("error") else {"error": chunk})
+            raise error or TransientError("error event in the stream", status=200)
+        self.model = chunk.get("model") or self.model
+        self.chunk_id = self.chunk_id or chunk.get("id")
+        self.usage = parse_usage(chunk.get("usage")) or self.usage
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                delta = choice.get("delta") or {}
+                delta = delta if isinstance(delta, dict) else {}
+                self.parts.append(_message_text(delta.get("content")))
+                if isinstance(delta.get("refusal"), str):
+                    self.refusal.append(delta["refusal"])
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def result(self, request_id: str | None) -> ChatResult:
+        """The finished answer; a stream that did not end properly is a transient failure."""
+        if not self.done:
+            raise TransientError("stream ended without [DONE]", status=200, request_id=request_id)
+        return _checked_result("".join(self.parts), self.model, self.finish_reason, self.usage,
+                               request_id or self.chunk_id, refusal="".join(self.refusal))
+
+
+class _StreamParser:
+    """`StreamParser` for chat.completion.chunk events (SSE), ending in `data: [DONE]`."""
+
+    def __init__(self, headers: Mapping[str, str]):
+        self._headers = headers
+        self._decoder = SSEDecoder()
+        self._state = _StreamState()
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._decoder.feed(chunk):
+            self._state.take(event, self._headers)
+
+    def result(self) -> ChatResult:
+        for event in self._decoder.finish():
+            self._state.take(event, self._headers)
+        return self._state.result(_request_id(self._headers))

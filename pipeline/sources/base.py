@@ -1,0 +1,36 @@
+"""sources/base.py: the `ImageSource` interface: where images come from, and nothing else.
+
+A source yields `Item`s: a stable key (the resume key, the `image_path` column) and a way to read
+the item's bytes. Readers of an out folder (export, review) find an image again by its key with
+`open_by_key`, so nothing outside a source joins paths or knows where bytes live. Items are small
+frozen values that can be pickled and read in another process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol
+
+__all__ = ["Item", "ImageSource"]
+
+
+class Item(Protocol):
+    """One image of a source."""
+
+    key: str  # stable across runs: the resume key, POSIX-style for files
+
+    def read(self) -> bytes:
+        """The item's bytes; raises OSError when they cannot be read."""
+
+    def open(self) -> BinaryIO:
+        """A binary file object, for reads of the header only (sizes for an estimate)."""
+
+
+class ImageSource(Protocol):
+    """Where a run's images come from."""
+
+    def items(self) -> Iterator[Item]:
+        """Every image, streamed (never listed whole), in an order that is the same on every run."""
+
+    def open_by_key(self, key: str) -> Item | None:
+        """The item with this key, or None when the key cannot name one of this source's items."""
