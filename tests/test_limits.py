@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.limits import (
+from pipeline.engine.limits import (
     DECREASE_FACTOR,
     INITIAL_CONCURRENCY,
     JITTER_FRACTION,

@@ -1,9 +1,11 @@
-"""runner.py: wires walker → images → client → store, with retries, progress and shutdown.
+"""engine/online.py: the online driver: one request per image, scheduled under the limits.
 
-The only module that knows every stage. The flow:
+Scheduling only: the `Captioner` prepares each item and builds each row, the provider speaks the
+wire format, the store writes. This module owns the queues, the workers, the limiter gate,
+dedupe of identical files, progress and shutdown. The flow:
 
-    walker ─▶ [sources, bounded] ─▶ P image workers (thread pool) ─▶ [encoded, bounded] ─▶ C request
-    workers (limiter slot, tenacity retries) ─▶ store (journal line, Parquet part)
+    source ─▶ [items, bounded] ─▶ P image workers (thread pool) ─▶ [encoded, bounded] ─▶ C request
+    workers (dedupe, limiter slot, the retry policy) ─▶ store (journal line, Parquet part)
 
 Every image ends as exactly one row, except when the run stops before its request ended; such
 images simply have no row and the next run takes them. Queues are bounded, so memory holds at
@@ -20,7 +22,6 @@ Shutdown order (Ctrl-C, SIGTERM, or a fatal provider error):
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import itertools
 import logging
@@ -36,13 +37,14 @@ from tenacity import RetryCallState
 
 from ..errors import BadImageError, FatalError, InternalError, JobError, RateLimitError
 from ..job import Job, job_summary
-from ..limits import Limiter
+from .limits import Limiter
 from ..providers import HttpRequest, make_provider
 from ..providers.http import Transport
 from ..records import ChatResult, Encoded, Result, RunSummary
 from ..sources import Item, open_source
 from ..store import HashSet, Store, key_hash, open_batch_chunks
 from .caption import Captioner, image_facts
+from .dedupe import Deduper
 from .local import bundled_endpoint
 from .retry import RetryPolicy
 
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 WALK_BATCH = 256  # paths taken from the walker thread at a time
 TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
 LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
-DEDUP_CACHE = 4096  # recent ok rows kept to answer duplicates without a disk scan
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
@@ -93,9 +94,7 @@ class _Run:
         self.source = source
         self.store = store
         self.done = done
-        self.sent_shas = sent_shas  # hashes of the sha256 of every image with an ok row
-        self._sending: dict[int, asyncio.Future] = {}  # sha hash → the row of the copy being sent now
-        self._recent: collections.OrderedDict[int, Result] = collections.OrderedDict()  # sha hash → ok row
+        self.dedupe = Deduper(sent_shas, store.find_ok_by_sha)
         self.summary = RunSummary(out=store.out)
         limits = job.limits
         self.policy = RetryPolicy.of(limits)
@@ -106,7 +105,7 @@ class _Run:
         self.encoded: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
         self.stop = asyncio.Event()
         self.abandon = asyncio.Event()
-        self.transport: Transport | None = None
+        self.gate = _Gate(captioner, self.limiter, self.stop, self.summary)
         self._images_left = self.image_workers
         self._progress = _Progress(self, enabled=progress)
         self._started = time.monotonic()
@@ -132,7 +131,7 @@ class _Run:
         pool = concurrent.futures.ThreadPoolExecutor(self.image_workers, thread_name_prefix="caption-image")
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
-                self.transport = Transport(session, timeout_s=limits.timeout_s, idle_timeout_s=limits.idle_timeout_s,
+                self.gate.transport = Transport(session, timeout_s=limits.timeout_s, idle_timeout_s=limits.idle_timeout_s,
                                            stream=self.job.endpoint.stream, on_rate_info=self.limiter.observe)
                 await self._run_stages(pool)
         finally:
@@ -236,44 +235,53 @@ class _Run:
 
     # --- one image -------------------------------------------------------------------------
 
-    async def _caption_once(self, source: Item, encoded: Encoded) -> Result:
-        """Caption an image unless a file with the same bytes was (or is being) sent: copy that.
+    async def _caption_once(self, item: Item, encoded: Encoded) -> Result:
+        """Caption an image with retries, unless a file with the same bytes was (or is being) sent."""
+        facts = image_facts(encoded)
 
-        Identical files are sent once per out folder, across resumed runs too; the copies get
-        the same caption, zero tokens, and `dedup_of` naming the image that was sent.
-        """
-        sha = key_hash(encoded.sha256)
-        while (original := await self._sent_copy(sha, encoded.sha256)) is None and sha in self._sending:
-            pass  # the copy we waited for failed, and another waiter has taken its place: wait for that one
-        if original is not None:
-            return self.captioner.dedup_row(source.key, image_facts(encoded), original)
-        future = asyncio.get_running_loop().create_future()
-        self._sending[sha] = future
-        result = None
-        try:
-            retrying = self.policy.image_retrying(sleep=self._sleep_unless_stopped, before_sleep=self._before_retry)
-            result = await self.captioner.caption(source.key, encoded, self._send, retrying)
-        finally:
-            del self._sending[sha]
-            future.set_result(result if result is not None and result.status == "ok" else None)
-        if result.status == "ok":
-            self.sent_shas.add(sha)
-            self._recent[sha] = result
-            if len(self._recent) > DEDUP_CACHE:
-                self._recent.popitem(last=False)
-        return result
+        async def caption() -> Result:
+            gate = self.gate
+            retrying = self.policy.image_retrying(sleep=gate.sleep_unless_stopped, before_sleep=gate.before_retry)
+            return await self.captioner.caption(item.key, encoded, gate.send, retrying)
 
-    async def _sent_copy(self, sha: int, sha256: str) -> Result | dict | None:
-        """The ok row of an earlier copy of these bytes: being sent now, recent, or on disk."""
-        if (sending := self._sending.get(sha)) is not None:
-            return await asyncio.shield(sending)  # None if that copy failed: then we try ourselves
-        if (recent := self._recent.get(sha)) is not None:
-            return recent
-        if sha in self.sent_shas:
-            return await asyncio.to_thread(self.store.find_ok_by_sha, sha256)
-        return None
+        return await self.dedupe.caption_once(encoded.sha256, caption,
+                                              lambda original: self.captioner.dedup_row(item.key, facts, original))
 
-    async def _send(self, request: HttpRequest, tokens: int) -> ChatResult:
+    def _record(self, result: Result) -> None:
+        self.store.append(result)
+        self.summary.count(result)
+        if result.status != "ok":
+            log.debug("error row for %s: %s: %s", result.image_path, result.error_kind, result.error)
+
+    async def _tick(self) -> None:
+        """Every TICK_S: fsync the journal, roll a due part, refresh progress."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await asyncio.to_thread(self.store.sync)
+                if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
+                    await asyncio.to_thread(self.store.convert, segment)
+            except OSError as err:  # disk full, say: rows stay in the journal, which the next run recovers
+                log.error("could not sync or roll the Parquet part: %s", err)
+            self._progress.update()
+
+
+class _Gate:
+    """Where every request of a run passes: the limiter's gates, the transport, and the stop event.
+
+    A request that has not gone when the run stops never goes; a retry's backoff is slept here,
+    cut short by the stop, and never holds a limiter slot.
+    """
+
+    def __init__(self, captioner: Captioner, limiter: Limiter, stop: asyncio.Event, summary: RunSummary):
+        self.provider = captioner.provider
+        self.max_tokens = captioner.job.prompt.max_tokens
+        self.limiter = limiter
+        self.stop = stop
+        self.summary = summary
+        self.transport: Transport | None = None  # set once the run's HTTP session is open
+
+    async def send(self, request: HttpRequest, tokens: int) -> ChatResult:
         """One request through the limiter's gates; its slot is freed before any retry wait.
 
         Raises _Stopped, sending nothing, when the run is stopping (Ctrl-C, a fatal error) before
@@ -282,9 +290,9 @@ class _Run:
         permit = await self._acquire_unless_stopped(tokens)
         used = None
         try:
-            chat = await self.transport.send(self.captioner.provider, request)
+            chat = await self.transport.send(self.provider, request)
             if chat.usage is not None and chat.usage.source == "reported":
-                used = chat.usage.prompt_tokens + self.job.prompt.max_tokens
+                used = chat.usage.prompt_tokens + self.max_tokens
         except RateLimitError as err:
             self.limiter.on_rate_limited(permit, err.retry_after_s, hinted=err.hinted)
             raise
@@ -312,7 +320,7 @@ class _Run:
             raise _Stopped
         return permit
 
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
+    async def sleep_unless_stopped(self, seconds: float) -> None:
         """A retry's backoff, cut short by Ctrl-C or a fatal error (the image then gets no row)."""
         try:
             await asyncio.wait_for(self.stop.wait(), seconds)
@@ -320,31 +328,13 @@ class _Run:
             return
         raise _Stopped
 
-    def _before_retry(self, state: RetryCallState) -> None:
+    def before_retry(self, state: RetryCallState) -> None:
         self.summary.retries += 1
         err = state.outcome.exception()
         log.debug("retrying (attempt %d done): %s %s, wait %.2f s", state.attempt_number, err.kind, err,
                   state.next_action.sleep if state.next_action else 0.0)
 
     # --- rows ------------------------------------------------------------------------------
-
-    def _record(self, result: Result) -> None:
-        self.store.append(result)
-        self.summary.count(result)
-        if result.status != "ok":
-            log.debug("error row for %s: %s: %s", result.image_path, result.error_kind, result.error)
-
-    async def _tick(self) -> None:
-        """Every TICK_S: fsync the journal, roll a due part, refresh progress."""
-        while True:
-            await asyncio.sleep(TICK_S)
-            try:
-                await asyncio.to_thread(self.store.sync)
-                if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
-                    await asyncio.to_thread(self.store.convert, segment)
-            except OSError as err:  # disk full, say: rows stay in the journal, which the next run recovers
-                log.error("could not sync or roll the Parquet part: %s", err)
-            self._progress.update()
 
 
 class _Progress:

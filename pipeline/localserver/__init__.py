@@ -28,7 +28,8 @@ cites the protocol pages its facts come from):
 - `wire`: ids, JSON responses and the error object every part shares.
 - `openai_request`: reading and checking a chat-completions body, decoding images, token counts.
 - `openai_chat`: the chat-completions and models routes, completions, streamed chunks.
-- `openai_batch`, `openai_batch_run`: the Files and Batches routes and state; running a batch.
+- `openai_batch`, `openai_batch_state`, `openai_batch_run`: the Files and Batches routes; their
+  objects and store; running a batch.
 A new protocol is one more module whose handler object adds its routes to the app (`add_routes`)
 and answers through the shared `Core`; `LocalServer._protocols` lists them.
 
@@ -43,7 +44,7 @@ from __future__ import annotations
 from .core import Observed
 from .limits import FAULTS
 from .limits import go_duration as _go_duration  # noqa: F401  (the tests' old name)
-from .openai_batch import BATCH_LINE_FAULTS, BATCH_OUTCOMES, BatchSeen
+from .openai_batch_state import BATCH_LINE_FAULTS, BATCH_OUTCOMES, BatchSeen
 from .openai_request import image_tokens as _image_tokens  # noqa: F401  (the tests' and cost.py's old name)
 from .server import LocalServer, serve_forever
 from .wire import MODEL_ID

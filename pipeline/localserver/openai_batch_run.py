@@ -6,9 +6,9 @@ delay (or a cancel), answering its lines through the same request checks and cap
 it ends in (completed, or an injected failed, expired or cancelled end).
 
 It must not route, answer HTTP requests or record observations (batch lines are not chat
-requests); the batch's objects and stored state belong to `openai_batch`, which it reaches only
+requests); the batch's objects and stored state belong to `openai_batch_state`, which it reaches only
 through the `BatchState` it is given. It imports only the standard library and modules of this
-package (and `openai_batch` for types only, so there is no import cycle).
+package (`openai_batch_state` for the store it runs against).
 
 Protocol source (input and output line shapes, output order not guaranteed, `batch_expired` lines
 of an expired batch): https://platform.openai.com/docs/guides/batch
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .core import Core
 from .limits import FAULT_ERRORS
@@ -26,8 +26,7 @@ from .openai_chat import complete
 from .openai_request import checked_pictures, read_fields
 from .wire import RequestError, invalid, new_id, parse_json
 
-if TYPE_CHECKING:
-    from .openai_batch import BatchState, _BatchJob
+from .openai_batch_state import BatchState, _BatchJob
 
 
 # ---------------------------------------------------------------------------------------------

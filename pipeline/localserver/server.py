@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from .core import Core, Observed
-from .openai_batch import BatchSeen, OpenAIBatch
+from .openai_batch import OpenAIBatch
+from .openai_batch_state import BatchSeen
 from .openai_chat import OpenAIChat
 from .wire import json_response, request_headers
 

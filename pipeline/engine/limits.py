@@ -33,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from .records import RateInfo
+from ..records import RateInfo
 
 __all__ = ["AdaptiveConcurrency", "Limiter", "LocalRateBudget", "Permit", "RateBudget", "TokenBucket"]
 
