@@ -1,6 +1,6 @@
 """errors.py: the exception hierarchy that mirrors DESIGN.md's failure table.
 
-A seam module: `images`, `client`, `runner` and `job` all raise or catch these, and none of them
+A seam module: sources, images, providers, the engine and `job` all raise or catch these, and none of them
 imports another stage to do so. Each class's `kind` is exactly the value written to the
 `error_kind` Parquet column. An error carries the HTTP status, the request id and the server's
 message; never the payload, image bytes or request headers (an API key lives in those).

@@ -4,7 +4,7 @@ Owns every pixel decision: refuse what is not a decodable image (`BadImageError`
 decompression bombs, apply the EXIF orientation, flatten any mode onto white RGB, shrink so the long
 side fits `max_side` (JPEG draft mode first, so a 12 MP photo is never decoded at full size), and
 re-encode as JPEG, WebP or PNG with no metadata. Pure CPU work that releases the GIL inside Pillow,
-so the runner may call `encode_image` from a thread pool. `probe_size` serves estimates: the size
+so a driver may call `encode_image` from a thread pool. `probe_size` serves estimates: the size
 read from the header alone (of bytes, or of a file object the caller opened), no pixel decoded.
 
 Speed notes (`python benchmarks/preprocess.py`): for a 12 MP camera JPEG the naive path (full

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 LOCAL_BASE_URL = "local"
-"""`base_url = "local"` starts the bundled endpoint in-process (see localserver.py)."""
+"""`base_url = "local"` starts the bundled endpoint in-process (see pipeline/localserver/)."""
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token

@@ -1,4 +1,4 @@
-"""answers.py: what a chat answer becomes in a row, the same for the online and the batch driver.
+"""engine/answers.py: what a chat answer becomes in a row, the same for the online and the batch driver.
 
 Owns three checks on an answer that arrived: its usage (reported, or estimated when the server
 sent none), its structured fields (parsed and checked against the job's JSON Schema; a failure

@@ -54,7 +54,7 @@ SCHEMA = pa.schema(
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
-"""One row per image attempt that ended. Change it here and in tests/test_store.py, deliberately."""
+"""One row per image attempt that ended. Change it here and in tests/conftest.py (EXPECTED_SCHEMA), deliberately."""
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
 

@@ -221,7 +221,7 @@ class Store:
         """The latest ok row (caption, model, ...) of an image with this sha256, or None.
 
         Scans the parts' sha column and the open journal segment: for the rare duplicate whose
-        original is not in the runner's small cache. Safe to call from a worker thread.
+        original is not in the online driver's small cache. Safe to call from a worker thread.
         """
         found = None
         columns = ["image_sha256", "status", "dedup_of", "job_fingerprint", *_COPIED]
