@@ -46,7 +46,7 @@ from ..store import HashSet, Store, key_hash, open_batch_chunks
 from .caption import Captioner, image_facts
 from .dedupe import Deduper
 from .local import bundled_endpoint
-from .retry import RetryPolicy
+from .retry import FailureStreak, RetryPolicy
 
 __all__ = ["run_online"]
 
@@ -95,6 +95,7 @@ class _Run:
         self.store = store
         self.done = done
         self.dedupe = Deduper(sent_shas, store.find_ok_by_sha)
+        self.streak = FailureStreak()
         self.summary = RunSummary(out=store.out)
         limits = job.limits
         self.policy = RetryPolicy.of(limits)
@@ -252,6 +253,10 @@ class _Run:
         self.summary.count(result)
         if result.status != "ok":
             log.debug("error row for %s: %s: %s", result.image_path, result.error_kind, result.error)
+        if (why := self.streak.note(result)) is not None and not self.summary.fatal:
+            self.summary.fatal = self.store.scrub(why)
+            log.error("stopping: %s", self.summary.fatal)
+            self.stop.set()
 
     async def _tick(self) -> None:
         """Every TICK_S: fsync the journal, roll a due part, refresh progress."""

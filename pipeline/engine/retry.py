@@ -20,13 +20,15 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from ..errors import BadOutputError, CaptionError, RateLimitError, TransientError
 from ..job import Limits
+from ..records import Result
 
-__all__ = ["RetryPolicy", "BAD_OUTPUT_ATTEMPTS", "RATE_LIMIT_PATIENCE"]
+__all__ = ["RetryPolicy", "FailureStreak", "BAD_OUTPUT_ATTEMPTS", "RATE_LIMIT_PATIENCE", "SAME_FAILURE_STOP"]
 
 log = logging.getLogger(__name__)
 
 BAD_OUTPUT_ATTEMPTS = 2  # an unusable answer (empty, not the JSON asked for) is asked for once more
 RATE_LIMIT_PATIENCE = 10  # an image ends as rate_limited only after this × max_attempts 429s
+SAME_FAILURE_STOP = 10  # images in a row whose requests all ended in the same error stop the run
 _PASSING = (RateLimitError, TransientError)  # failures that say "later", not "no"
 T = TypeVar("T")
 
@@ -115,3 +117,33 @@ class RetryPolicy:
 
 def _describe(err: CaptionError) -> str:
     return f"{err.kind}: {err}"
+
+
+class FailureStreak:
+    """When every request fails the same way, stop and spend nothing more.
+
+    An unreachable base URL, or a parameter the model refuses for every image, would otherwise turn
+    a whole folder into error rows (and, for a 400 that is billed, into spend). Counts the images in
+    a row whose requests ended in the very same error (kind and message); an ok row resets it, and
+    rows no request was made for (a bad image, a copy of a duplicate) change nothing.
+    """
+
+    def __init__(self, limit: int = SAME_FAILURE_STOP):
+        self.limit = limit
+        self._last: tuple[str | None, str | None] | None = None
+        self._count = 0
+
+    def note(self, row: Result) -> str | None:
+        """Take one written row; return why the run must stop, once the streak reaches the limit."""
+        if row.status == "ok":
+            self._last, self._count = None, 0
+            return None
+        if not row.attempts:
+            return None
+        failure = (row.error_kind, row.error)
+        self._count = self._count + 1 if failure == self._last else 1
+        self._last = failure
+        if self._count < self.limit:
+            return None
+        return (f"the last {self._count} images all failed the same way ({row.error_kind}: {row.error}); "
+                "nothing more is sent. Fix the cause, then run again")

@@ -24,7 +24,7 @@ import aiohttp
 from ...errors import CaptionError, FatalError, TransientError
 from ...records import ChatResult, Encoded
 from ..base import BatchInfo, LineResult
-from .chat import OpenAIProvider, build_payload, parse_completion
+from .chat import OpenAIProvider, parse_completion
 from .errors import classify_response
 
 __all__ = ["OpenAIBatchBackend", "parse_batch_response"]
@@ -53,8 +53,7 @@ class OpenAIBatchBackend:
 
     def request_line(self, custom_id: str, image: Encoded) -> bytes:
         """One input line: the online payload without `stream`, keyed by custom_id."""
-        provider = self._provider
-        body = build_payload(provider.job, image.data_url(), stream=False, token_param=provider.token_param)
+        body = self._provider.body(image, stream=False)
         line = {"custom_id": custom_id, "method": "POST", "url": CHAT_URL, "body": body}
         return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 

@@ -27,21 +27,36 @@ from ...job import Job
 from ...records import ChatResult, Encoded, RateInfo, Usage
 from ..base import HttpRequest
 from ..sse import SSEDecoder, SSEEvent
-from .errors import loads_or_none, classify_response, parse_rate_info, wants_max_completion_tokens
+from .errors import (
+    classify_response,
+    loads_or_none,
+    parse_rate_info,
+    unsupported_parameter,
+    wants_max_completion_tokens,
+)
 
 __all__ = ["OpenAIProvider", "build_payload", "parse_completion", "parse_usage"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_PARAM = "token_param"  # the one thing this provider learns: which name max_tokens goes by
+TOKEN_PARAM = "token_param"  # learned: which name max_tokens goes by
+DROPPED = "dropped"  # learned: the sampling parameters the server refuses
+DROPPABLE = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                       "top_logprobs", "reasoning_effort"})
+"""Parameters the job may set that change how an answer is sampled, not what is asked: when the server
+names one as unsupported (reasoning models refuse a non-default temperature: "Unsupported value:
+'temperature' does not support 0.2 with this model", https://platform.openai.com/docs/guides/reasoning),
+captioning without it beats failing every image."""
 
 
 class OpenAIProvider:
     """OpenAI chat completions for one run: `{base_url}/chat/completions`, Bearer auth.
 
-    Remembers one thing for the whole run: which token parameter the server wants. Reasoning
-    models answer 400 to `max_tokens` and ask for `max_completion_tokens`; on that exact answer
-    `learn` switches once, logs it, and the request is sent again, instead of failing every image.
+    Learns two things for the whole run from the server's own 400s, instead of failing every image:
+    which token parameter it wants (reasoning models refuse `max_tokens` and ask for
+    `max_completion_tokens`), and which sampling parameters it refuses ("Unsupported parameter:
+    'temperature' ...", "Unsupported value: 'temperature' does not support 0.2 ..."): those are
+    dropped. Each is switched once and logged, and the refused request is sent again at once.
     """
 
     name = "openai"
@@ -53,11 +68,18 @@ class OpenAIProvider:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self.token_param = "max_tokens"
+        self.dropped: tuple[str, ...] = ()  # sampling parameters the server refused, never sent again
         self._image_formula = cost.image_formula(job.endpoint.model)  # for the TPM count before sending
 
     def build_request(self, image: Encoded, *, stream: bool) -> HttpRequest:
+        return HttpRequest(self.url, self._headers, self.body(image, stream=stream), stream)
+
+    def body(self, image: Encoded, *, stream: bool) -> dict[str, Any]:
+        """The request body as the server wants it now (what `learn` learned applied)."""
         body = build_payload(self.job, image.data_url(), stream=stream, token_param=self.token_param)
-        return HttpRequest(self.url, self._headers, body, stream)
+        for name in self.dropped:
+            body.pop(name, None)
+        return body
 
     def parse_body(self, body: bytes, headers: Mapping[str, str]) -> ChatResult:
         return parse_completion(body, _request_id(headers))
@@ -79,20 +101,33 @@ class OpenAIProvider:
         return tokens + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
 
     def learn(self, err: CaptionError, sent: HttpRequest | None = None) -> bool:
-        if not isinstance(err, BadRequestError) or not wants_max_completion_tokens(err):
+        if not isinstance(err, BadRequestError):
             return False
-        if self.token_param == "max_tokens":
-            self.token_param = "max_completion_tokens"
-            log.warning("server rejects max_tokens for %s; sending max_completion_tokens from now on",
-                        self.job.endpoint.model)
-        return sent is None or "max_tokens" in sent.body  # the refused request used the old name
+        if wants_max_completion_tokens(err):
+            if self.token_param == "max_tokens":
+                self.token_param = "max_completion_tokens"
+                log.warning("server rejects max_tokens for %s; sending max_completion_tokens from now on",
+                            self.job.endpoint.model)
+            return sent is None or "max_tokens" in sent.body  # the refused request used the old name
+        name = unsupported_parameter(err)
+        if name is None or name not in DROPPABLE:
+            return False
+        if name not in self.dropped:
+            self.dropped += (name,)
+            log.warning("server rejects %s for %s; not sending it from now on", name, self.job.endpoint.model)
+        return sent is None or name in sent.body
 
     def learned(self) -> dict[str, str]:
-        return {TOKEN_PARAM: self.token_param} if self.token_param != "max_tokens" else {}
+        found = {TOKEN_PARAM: self.token_param} if self.token_param != "max_tokens" else {}
+        if self.dropped:
+            found[DROPPED] = ",".join(self.dropped)
+        return found
 
     def adopt(self, learned: Mapping[str, str]) -> None:
         if learned.get(TOKEN_PARAM) in ("max_tokens", "max_completion_tokens"):
             self.token_param = learned[TOKEN_PARAM]
+        names = (learned.get(DROPPED) or "").split(",")
+        self.dropped = tuple(name for name in names if name in DROPPABLE)
 
 
 def _request_id(headers: Mapping[str, str]) -> str | None:

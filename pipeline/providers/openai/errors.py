@@ -32,7 +32,7 @@ from ...errors import (
 from ...records import RateInfo
 
 __all__ = ["QUOTA_CODES", "classify_response", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
-           "wants_max_completion_tokens"]
+           "unsupported_parameter", "wants_max_completion_tokens"]
 
 QUOTA_CODES = frozenset(
     {
@@ -210,3 +210,13 @@ def wants_max_completion_tokens(err: CaptionError) -> bool:
     """True for the 400 reasoning models give to `max_tokens` ("Use 'max_completion_tokens' instead")."""
     text = err.message.lower()
     return "max_tokens" in text and "max_completion_tokens" in text
+
+
+_UNSUPPORTED = re.compile(r"unsupported (?:parameter|value): '([a-z_]+)'", re.IGNORECASE)
+
+
+def unsupported_parameter(err: CaptionError) -> str | None:
+    """The parameter a 400 names as unsupported ("Unsupported parameter: 'top_p' is not supported with
+    this model", "Unsupported value: 'temperature' does not support 0.2 ..."), or None."""
+    found = _UNSUPPORTED.search(err.message)
+    return found.group(1).lower() if found else None
