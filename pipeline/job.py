@@ -41,6 +41,9 @@ __all__ = [
     "job_summary",
 ]
 
+UNSET = object()
+"""An override that drops a field the job file sets, so that its default applies (`--unset FIELD`)."""
+
 LOCAL_BASE_URL = "local"
 """`base_url = "local"` starts the bundled endpoint in-process (see pipeline/localserver/)."""
 
@@ -224,7 +227,10 @@ def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for dotted, value in (overrides or {}).items():
         section, name = dotted.split(".", 1)
-        raw.setdefault(section, {})[name] = value
+        if value is UNSET:
+            raw.get(section, {}).pop(name, None)
+        else:
+            raw.setdefault(section, {})[name] = value
     return _build_job(raw, source)
 
 
@@ -389,8 +395,27 @@ def _strict_problem(schema: Any, where: str) -> str | None:
 
 
 def _did_you_mean(word: str, options: set[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """The closest option by edit distance, a swap of two neighbours counting one edit (so `modle`
+    is `model`, not `mode`); ties go to the option of the same length, then to difflib's ratio."""
+    close = difflib.get_close_matches(word, sorted(options), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    best = min(close, key=lambda option: (_edits(word, option), abs(len(option) - len(word)),
+                                          -difflib.SequenceMatcher(None, word, option).ratio()))
+    return f" (did you mean '{best}'?)"
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def resolve_api_key(job: Job) -> str | None:

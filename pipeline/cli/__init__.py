@@ -11,12 +11,13 @@ imported inside the commands, so `caption --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
 from ..errors import CaptionError, JobError
 from . import batch, readers, run
-from .common import EXIT_CODES
+from .common import EXIT_CODES, os_error_line
 from .logs import configure_logging, scrub
 
 __all__ = ["main", "EXIT_CODES"]
@@ -41,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     except CaptionError as err:  # the provider refused something no retry cures (e.g. a batch upload)
         print(f"caption: stopped: {scrub(str(err))}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # `caption report --json | head`: the reader left; say nothing more
+        _silence_stdout()
+        return 141
+    except OSError as err:  # the file system or the OS refused: not a bug, and not the image's fault
+        if args.debug:
+            raise
+        print(f"caption: {os_error_line(err)}", file=sys.stderr)
+        return 4
     except Exception as err:  # a bug: one line, the traceback only with --debug
         if args.debug:
             raise
@@ -65,3 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     for module in (run, readers, batch):
         module.add_commands(commands, common_flags)
     return parser
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -9,13 +9,14 @@ summary, how to resume, and what batches are still with the provider.
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 import typing
 from pathlib import Path
 
 from ..errors import JobError
-from ..job import OVERRIDABLE, SECTIONS, resolve_api_key, resolve_headers
+from ..job import OVERRIDABLE, SECTIONS, UNSET, resolve_api_key, resolve_headers
 from .logs import redact
 
 __all__ = [
@@ -32,8 +33,11 @@ EXIT_CODES = """exit codes:
   0    every image ended ok
   1    the run finished, but some images ended as error rows
   2    bad usage, job file or missing API key (nothing was sent)
-  3    stopped by a fatal provider error (bad key, out of credit, unknown model)
-  130  interrupted (Ctrl-C / SIGTERM); rerun the same command to resume"""
+  3    stopped by a fatal provider error (bad key, out of credit, unknown model), or every
+       request failing the same way
+  4    the file system or the OS refused (out folder not writable, disk full, port in use)
+  130  interrupted (Ctrl-C / SIGTERM); rerun the same command to resume
+  141  stdout was closed early (e.g. piped into `head`)"""
 
 
 def add_overrides(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -62,12 +66,35 @@ def add_overrides(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         metavar = None if choices else field_name.upper()
         group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, metavar=metavar,
                            help=help_text)
+    group.add_argument("--unset", action="append", default=[], metavar="FIELD", choices=sorted(OVERRIDABLE),
+                       help="drop a field the job file sets, back to its default (e.g. --unset temperature); "
+                            "repeatable")
 
 
 def job_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The job-override flags given on the command line, as {"section.field": value}."""
-    return {key.removeprefix("override__").replace("__", "."): value
-            for key, value in vars(args).items() if key.startswith("override__") and value is not None}
+    """The job-override flags given on the command line, as {"section.field": value} (`UNSET` for --unset)."""
+    overrides: dict[str, object] = {OVERRIDABLE[name]: UNSET for name in getattr(args, "unset", None) or ()}
+    overrides.update({key.removeprefix("override__").replace("__", "."): value
+                      for key, value in vars(args).items() if key.startswith("override__") and value is not None})
+    return overrides
+
+
+_OS_HINTS = {
+    errno.EACCES: "check that it is writable by this user",
+    errno.EPERM: "check that it is writable by this user",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOSPC: "the disk is full; free some space and run again (nothing written is lost)",
+    errno.EDQUOT: "the disk quota is used up; free some space and run again (nothing written is lost)",
+    errno.EADDRINUSE: "the port is in use; choose another with --port",
+    errno.EADDRNOTAVAIL: "this machine has no such address; check --host",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OS error: the file (or address) it concerns, what went wrong, what to do."""
+    where = f"{err.filename}: " if err.filename else ""
+    hint = _OS_HINTS.get(err.errno)
+    return f"{where}{err.strerror or err}" + (f"; {hint}" if hint else "")
 
 
 def job_secrets(job) -> tuple[str | None, dict[str, str]]:

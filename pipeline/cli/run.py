@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import JobError
 from ..job import load_job
 from .common import EXIT_CODES, add_overrides, job_overrides, job_secrets, print_run_end, require_input
 
@@ -60,8 +61,9 @@ def _add_serve(commands, common_flags: argparse.ArgumentParser) -> None:
         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--latency-s", type=float, default=0.0, help="median latency per request")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (0: any free port)")
+    serve.add_argument("--latency-s", type=float, default=0.0,
+                       help="median latency per request, seconds (default 0: answer at once)")
     serve.add_argument("--latency-sigma", type=float, default=0.0, help="lognormal spread of the latency")
     serve.add_argument("--rpm", type=int, help="requests per minute limit (429 above it)")
     serve.add_argument("--tpm", type=int, help="tokens per minute limit")
@@ -73,6 +75,8 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..engine import run  # imported late: `caption --help` stays fast
 
     job = load_job(args.job, job_overrides(args))
+    if args.detach and job.endpoint.mode != "batch":
+        raise JobError("--detach goes with batch mode: add --mode batch (or set [endpoint] mode = \"batch\")")
     api_key, headers = job_secrets(job)
     require_input(args.input)
     summary = run(job, args.input, args.out, api_key=api_key, headers=headers,
@@ -87,3 +91,14 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
     serve_forever(args.host, args.port, latency_s=args.latency_s, latency_sigma=args.latency_sigma,
                   rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port number, for argparse (a one-line usage error otherwise)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give 1-65535 (or 0 for any free port)")
+    return port
