@@ -105,6 +105,10 @@ class Result:
     flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "length" (cut by max_tokens)
 
 
+MAX_NAMED_FAILURES = 10
+"""A run's summary names this many of the images that failed (the rest are counted, not kept)."""
+
+
 @dataclass(slots=True)
 class RunSummary:
     """What a run did; the CLI prints it and turns it into an exit code."""
@@ -121,6 +125,8 @@ class RunSummary:
     fatal: str | None = None  # the provider's message when a fatal error stopped the run
     interrupted: bool = False
     error_kinds: dict[str, int] = field(default_factory=dict)
+    dedup_copies: int = 0  # ok rows that copied an identical file's answer (no request, no tokens)
+    failed: list[str] = field(default_factory=list)  # the first MAX_NAMED_FAILURES images that ended as errors
 
     @property
     def exit_code(self) -> int:
@@ -137,9 +143,12 @@ class RunSummary:
             self.ok += 1
             self.prompt_tokens += row.prompt_tokens or 0
             self.completion_tokens += row.completion_tokens or 0
+            self.dedup_copies += row.dedup_of is not None
         else:
             self.errors += 1
             self.error_kinds[row.error_kind] = self.error_kinds.get(row.error_kind, 0) + 1
+            if len(self.failed) < MAX_NAMED_FAILURES:
+                self.failed.append(row.image_path)
 
 
 @dataclass(slots=True)

@@ -74,3 +74,28 @@ def test_unset_drops_a_field_the_job_file_sets(server, tmp_path, cli, job_file):
 def test_serve_help_says_the_default_latency_is_none():
     done = _caption("serve", "--help")
     assert "default 0: answer at once" in " ".join(done.stdout.split())
+
+
+def test_progress_shows_done_of_total_with_percent_on_a_terminal_and_in_log_lines(server, tmp_path, cli, job_file,
+                                                                                  monkeypatch):
+    from conftest import distinct_copies
+
+    folder = distinct_copies(tmp_path / "in", "coffee_cup.jpg", [f"{i}.jpg" for i in range(5)])
+    server.set_latency(0.3)
+    job = job_file(limits_concurrency=1)
+    ran = cli("run", folder, "--job", job, "--out", tmp_path / "bar", "--base-url", server.base_url, "--progress")
+    assert ran.code == 0 and "5/5" in ran.err and "100%" in ran.err
+    monkeypatch.setattr("pipeline.engine.online.LOG_EVERY_S", 0.0)  # a log line at every tick, not every 30 s
+    ran = cli("run", folder, "--job", job, "--out", tmp_path / "log", "--base-url", server.base_url, "--no-progress")
+    lines = [line for line in ran.err.splitlines() if "progress:" in line]
+    assert ran.code == 0 and lines and all("/5 (" in line and "img/s eta" in line for line in lines)
+
+
+def test_the_summary_names_the_copies_and_the_files_that_failed(server, tmp_path, cli, job_file):
+    folder = copy_samples(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "b.jpg": "coffee_cup.jpg",
+                                            "broken.jpg": "corrupt.jpg"})
+    ran = cli("run", folder, "--job", job_file(limits_concurrency=1), "--out", tmp_path / "out", "--base-url",
+              server.base_url, "--no-progress")
+    assert ran.code == 1
+    assert "1 copy of identical files took the caption" in ran.out
+    assert "caption: failed: broken.jpg" in ran.err

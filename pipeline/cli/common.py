@@ -135,6 +135,14 @@ def _print_summary(summary, argv: list[str]) -> None:
           f"{summary.completion_tokens:,} out); {summary.retries} retries, {summary.rate_limited} rate-limited; "
           f"{summary.wall_s:.1f} s, {rate:.0f} images/min")
     print(f"caption: Parquet in {summary.out}/ (pandas.read_parquet({str(summary.out)!r}) reads it whole)")
+    copies = getattr(summary, "dedup_copies", 0)
+    if copies:
+        print(f"caption: {copies} {'copy' if copies == 1 else 'copies'} of identical files took the caption of the "
+              "file that was sent (dedup_of names it; no request, no tokens)")
+    failed = getattr(summary, "failed", None)
+    if failed:
+        more = summary.errors - len(failed)
+        print(f"caption: failed: {', '.join(failed)}" + (f" (and {more} more)" if more > 0 else ""), file=sys.stderr)
     resume = "caption " + shlex.join(argv)
     if summary.fatal:
         print(f"caption: stopped by the provider: {summary.fatal}", file=sys.stderr)

@@ -13,6 +13,7 @@ import sys
 
 __all__ = ["configure_logging", "redact", "scrub"]
 
+QUIET_THREAD_PREFIX = "caption-quiet-"  # the engine names threads whose log lines repeat another's
 _SECRETS: set[str] = set()
 _BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 
@@ -41,6 +42,14 @@ def redact(secret: str) -> None:
         _SECRETS.add(secret)
 
 
+class _QuietThreadsFilter(logging.Filter):
+    """Drops records from threads named `caption-quiet-*`: work done twice on purpose (the online
+    driver's background count walks INPUT again) must not say its findings twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith(QUIET_THREAD_PREFIX)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is now (not the one at set-up, which a caller may have closed)."""
 
@@ -56,6 +65,7 @@ class _StderrHandler(logging.StreamHandler):
 def configure_logging(debug: bool, verbose: bool) -> None:
     """One redacting stderr handler on the root logger; pipeline's own loggers at DEBUG with --debug/-v."""
     handler = _StderrHandler()
+    handler.addFilter(_QuietThreadsFilter())
     handler.addFilter(_RedactingFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
