@@ -161,7 +161,6 @@ class BatchSummary(RunSummary):
 
     @property
     def exit_code(self) -> int:
-        """As online; a detached run that submitted and recorded its work exits 0."""
-        if self.detached and not self.fatal and not self.interrupted:
-            return 0
+        """As online: a detached run that submitted and recorded its work exits 0, or 1 when it wrote
+        error rows (bad images, or the error rows of a batch it collected)."""
         return RunSummary.exit_code.fget(self)

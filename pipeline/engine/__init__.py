@@ -35,7 +35,8 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
         from .batch import run_batch
 
         return await run_batch(job, input_path, out, api_key=api_key, headers=headers,
-                               allow_job_change=allow_job_change, progress=progress, detach=detach)
+                               allow_job_change=allow_job_change, progress=progress, detach=detach,
+                               handle_signals=handle_signals)
     from .online import run_online
 
     return await run_online(job, input_path, out, api_key=api_key, headers=headers,

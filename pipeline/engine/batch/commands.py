@@ -77,7 +77,7 @@ def _open_store(job: Job, out: Path, allow_job_change: bool) -> Store:
 
 async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *, api_key: str | None,
                     headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
-                    detach: bool = False) -> BatchSummary:
+                    detach: bool = False, handle_signals: bool = False) -> BatchSummary:
     """Caption `input_path` through the Batch API into `out`; with `detach`, return once submitted.
 
     Resumes whatever OUT/_batch records; `input_path` None (`caption batch collect`) takes the
@@ -103,7 +103,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
                                  source=open_source(input_path) if input_path is not None else None,
                                  summary=summary, policy=RetryPolicy.of(job.limits))
             try:
-                await BatchDriver(run).main(detach)
+                await BatchDriver(run).main(detach, handle_signals=handle_signals)
             except FatalError as err:
                 summary.fatal = str(err)
     finally:
