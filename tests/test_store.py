@@ -185,3 +185,60 @@ def test_an_out_folder_has_one_writer_in_a_process_too(tmp_path):
         Store.open(tmp_path, SUMMARY, part_rows=10, part_seconds=60)
     held.release()
     Store.open(tmp_path, SUMMARY, part_rows=10, part_seconds=60).release()  # free again
+
+
+# --- hostile values: a row that cannot be converted never wedges the folder -------------------
+
+
+def test_a_journal_line_no_column_can_hold_is_quarantined_and_the_rest_converts(tmp_path, caplog):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    store.rotate()
+    journal = next(tmp_path.glob("_journal-*.jsonl"))
+    good = journal.read_text().splitlines()
+    wedge = json.loads(good[0]) | {"image_path": "b.jpg", "completion_tokens": 10**15}  # as an older version wrote
+    lines = [good[0], json.dumps(wedge), "this is not JSON", json.dumps({**wedge, "image_path": "c.jpg",
+                                                                          "completion_tokens": 7})]
+    journal.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        _open(tmp_path).close()  # recovery on open
+    assert [r["image_path"] for r in read_rows(tmp_path)] == ["a.jpg", "c.jpg"]
+    quarantine = (tmp_path / f"_quarantine-{journal.name[9:14]}.jsonl").read_text().splitlines()
+    assert sorted(quarantine) == sorted(lines[1:3]) and not journal.exists()
+    assert "2 line(s) could not become Parquet rows" in caplog.text and "_quarantine-" in caplog.text
+    _open(tmp_path).close()  # and every later open works too
+    assert len(read_rows(tmp_path)) == 2
+
+
+def test_append_keeps_out_numbers_no_column_holds(tmp_path):
+    store = _open(tmp_path)
+    store.append(dataclasses.replace(_row("a.jpg"), completion_tokens=10**15, prompt_tokens=-3, latency_ms=2**40,
+                                     attempts=70_000, total_tokens=True))
+    store.close()
+    (row,) = read_rows(tmp_path)
+    assert [row[c] for c in ("completion_tokens", "prompt_tokens", "latency_ms", "attempts", "total_tokens")] \
+        == [None] * 5
+
+
+def test_append_redacts_every_prefix_of_a_secret_in_every_server_text(tmp_path):
+    secret = "sk-live-0123456789abcdef0123456789"
+    store = _open(tmp_path)
+    store.keep_out(secret)
+    store.append(dataclasses.replace(_row("a.jpg"), caption=f"key {secret[:10]}!", model=secret, request_id=secret[:30],
+                                     fields=json.dumps({"k": secret})))
+    store.append(dataclasses.replace(_row(f"{secret[:3]}.jpg", status="error"), error=f"echo {secret[:-1]}"))
+    store.close()
+    first, second = read_rows(tmp_path)
+    assert first["caption"] == "key [redacted]!" and first["model"] == first["request_id"] == "[redacted]"
+    assert json.loads(first["fields"]) == {"k": "[redacted]"}
+    assert second["error"] == "echo [redacted]" and second["image_path"] == "sk-.jpg"  # keys are ours: untouched
+
+
+def test_a_corrupt_part_is_named_in_one_line(tmp_path):
+    store = _open(tmp_path)
+    store.append(_row("a.jpg"))
+    store.close()
+    part = next(tmp_path.glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:40])
+    with pytest.raises(JobError, match=f"{part.name}: not a readable Parquet part"):
+        _open(tmp_path)

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import parts
+from .layout import parts, unreadable_part
 
 __all__ = ["key_hash", "HashSet", "LatestRows", "iter_rows", "iter_latest_rows", "resume_index"]
 
@@ -60,6 +61,12 @@ class HashSet:
     def __len__(self) -> int:
         return len(self._sorted) + len(self._added)
 
+    def fork(self) -> HashSet:
+        """A set holding the same hashes, to be added to separately (the sorted array is shared)."""
+        forked = HashSet(self._sorted)
+        forked._added = set(self._added)
+        return forked
+
 
 def iter_rows(out: str | Path, columns: list[str], *, batch_size: int = 65_536) -> Iterator[dict[str, list]]:
     """Yield the out folder's rows, parts in order, a record batch at a time, as column lists.
@@ -67,11 +74,15 @@ def iter_rows(out: str | Path, columns: list[str], *, batch_size: int = 65_536) 
     A column that a part lacks (written by an older version) comes back as nulls.
     """
     for _, part in parts(Path(out)):
-        handle = pq.ParquetFile(part)
-        present = [c for c in columns if c in handle.schema_arrow.names]
-        for batch in handle.iter_batches(columns=present, batch_size=batch_size):
-            rows = batch.to_pydict()
-            yield {c: rows[c] if c in rows else [None] * batch.num_rows for c in columns}
+        try:
+            handle = pq.ParquetFile(part)
+            present = [c for c in columns if c in handle.schema_arrow.names]
+            batches = handle.iter_batches(columns=present, batch_size=batch_size)
+            for batch in batches:
+                rows = batch.to_pydict()
+                yield {c: rows[c] if c in rows else [None] * batch.num_rows for c in columns}
+        except (pa.ArrowException, OSError) as err:  # a part cut short, overwritten, not Parquet
+            raise unreadable_part(part, err) from None
 
 
 class LatestRows:

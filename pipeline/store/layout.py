@@ -3,6 +3,7 @@
     _job.json                 the job as run and its fingerprint (no secrets)
     _lock                     held (flock) by the one process writing the folder
     _journal-00007.jsonl      the open journal segment: one JSON line per ended attempt
+    _quarantine-00007.jsonl   lines of that segment that could not become Parquet rows, kept as they were
     part-00001.parquet ...    closed segments, each converted atomically
     _batch/                   the batch driver's durable record (chunk files and their states)
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 from ..errors import JobError
 
-__all__ = ["JOB_FILE", "LOCK_FILE", "BATCH_DIR", "OPEN_CHUNK_STATES", "part_path", "journal_path", "parts",
-           "journals", "check_out_folder", "open_batch_chunks"]
+__all__ = ["JOB_FILE", "LOCK_FILE", "BATCH_DIR", "OPEN_CHUNK_STATES", "part_path", "journal_path", "quarantine_path",
+           "parts", "journals", "check_out_folder", "open_batch_chunks", "unreadable_part"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,16 @@ def part_path(out: Path, number: int) -> Path:
 
 def journal_path(out: Path, number: int) -> Path:
     return out / f"_journal-{number:05d}.jsonl"
+
+
+def quarantine_path(out: Path, number: int) -> Path:
+    return out / f"_quarantine-{number:05d}.jsonl"
+
+
+def unreadable_part(part: Path, err: Exception) -> JobError:
+    """The one-line error for a Parquet part that cannot be read (cut short, overwritten, not Parquet)."""
+    return JobError(f"{part}: not a readable Parquet part ({type(err).__name__}: {err}); move it out of the "
+                    f"folder (its images are then captioned again by the next run)")
 
 
 def parts(out: Path) -> list[tuple[int, Path]]:
@@ -66,7 +77,12 @@ def check_out_folder(out: Path) -> None:
     pending = sum(1 for _ in journals(out))
     if pending:
         log.warning("%s: %d journal segment(s) are not yet Parquet parts (a run is going on, or one "
-                    "crashed: `caption run` again recovers them); their rows are left out", out, pending)
+                    "crashed: the next `caption run` on this folder converts them); their rows are left out",
+                    out, pending)
+    kept = sorted(p.name for p in out.glob("_quarantine-*.jsonl"))
+    if kept:
+        log.warning("%s: journal lines that could not become rows are kept in %s; they are not counted",
+                    out, ", ".join(kept))
 
 
 def open_batch_chunks(out: Path) -> int:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ..records import Result
 
-__all__ = ["SCHEMA", "result_line", "read_journal"]
+__all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "JournalLine", "result_line", "journal_lines", "read_journal"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ SCHEMA = pa.schema(
 """One row per image attempt that ended. Change it here and in tests/conftest.py (EXPECTED_SCHEMA), deliberately."""
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Result))
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    f.name: (-(2 ** (f.type.bit_width - 1)), 2 ** (f.type.bit_width - 1) - 1)
+    for f in SCHEMA if pa.types.is_signed_integer(f.type)
+}
+"""Integer column → the (lowest, highest) value its Arrow type holds: a larger one would fail the part."""
+TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))
 
 
 def result_line(result: Result) -> str:
@@ -66,14 +72,35 @@ def result_line(result: Result) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield a journal's rows; a torn last line (a crash mid-write) is dropped with a log line."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class JournalLine:
+    """One line of a journal: its number, its bytes, and its row (None when it is not one)."""
+
+    number: int
+    raw: bytes
+    row: dict[str, Any] | None
+    torn: bool = False  # the last line, cut short by a crash mid-write (no newline, not JSON)
+
+
+def journal_lines(path: Path) -> Iterator[JournalLine]:
+    """Every line of a journal, read or not (see `JournalLine`)."""
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
             try:
-                row = json.loads(line)
-            except ValueError:
-                log.warning("%s: line %d is torn (a crash mid-write); dropped", path.name, number)
+                row = json.loads(raw)
+                row["created_at"] = dt.datetime.fromtimestamp(row["created_at"] / 1000, dt.timezone.utc)
+            except (ValueError, TypeError, KeyError, OverflowError, OSError):
+                yield JournalLine(number, raw, None, torn=not raw.endswith(b"\n"))
                 continue
-            row["created_at"] = dt.datetime.fromtimestamp(row["created_at"] / 1000, dt.timezone.utc)
-            yield row
+            yield JournalLine(number, raw, row)
+
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield a journal's rows; a line that is not one is skipped with a log line."""
+    for line in journal_lines(path):
+        if line.row is not None:
+            yield line.row
+        elif line.torn:
+            log.warning("%s: line %d is torn (a crash mid-write); dropped", path.name, line.number)
+        else:
+            log.warning("%s: line %d is not a row; skipped", path.name, line.number)

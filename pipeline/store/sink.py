@@ -4,7 +4,10 @@ Owns writing the out folder (layout.py names its files). A segment and the part 
 share a number, which is the whole recovery rule: on open, a journal whose part exists was
 already converted (the crash came before the delete), so it is deleted; any other journal is
 converted now, its torn last line (if any) dropped. A crash at any line therefore loses at most
-the line being written, and never writes a row twice. No network, no images.
+the line being written, and never writes a row twice. A line that cannot become a Parquet row (a
+value no column holds) never stops the others: it is moved to `_quarantine-NNNNN.jsonl` and logged,
+so a folder is never wedged. Every row is checked before it is journalled: the run's secrets are
+redacted from its text, and an integer its column cannot hold becomes null. No network, no images.
 """
 
 from __future__ import annotations
@@ -23,18 +26,22 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..records import Result
+from ..redaction import keep_secret, redact
 from .files import fsync_path, write_atomic
 from .index import HashSet, iter_rows, resume_index
-from .layout import JOB_FILE, journal_number, journal_path, journals, part_path, parts
+from .layout import JOB_FILE, journal_number, journal_path, journals, part_path, parts, quarantine_path, unreadable_part
 from .lock import OutFolderLock
-from .schema import SCHEMA, read_journal, result_line
+from .schema import INT_BOUNDS, SCHEMA, TEXT_COLUMNS, JournalLine, journal_lines, read_journal, result_line
 
-__all__ = ["Sink", "Store"]
+__all__ = ["Sink", "Store", "checked_row"]
 
 log = logging.getLogger(__name__)
 
 CONVERT_BATCH = 4096  # journal rows per Parquet row group
 _COPIED = ("image_path", "model", "caption", "finish_reason", "fields")  # what a duplicate takes from its original
+_KEYS = ("image_path", "image_sha256", "dedup_of", "job_fingerprint")  # ours, never a server's: not redacted
+_REDACTED = tuple(name for name in TEXT_COLUMNS if name not in _KEYS)
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
 class Sink(Protocol):
@@ -77,7 +84,6 @@ class Store:
         self._rows_in_segment = 0
         self._opened_at = time.monotonic()
         self._lock: OutFolderLock | None = None
-        self._secrets: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, out: str | Path, job_summary: dict[str, Any], *, part_rows: int, part_seconds: float,
@@ -128,22 +134,21 @@ class Store:
         self._segment = max(numbers, default=0)
 
     def keep_out(self, *secrets: str | None) -> None:
-        """Never write these strings (an API key, header values): `scrub` blanks them."""
-        self._secrets = tuple(s for s in (*self._secrets, *secrets) if s and len(s) >= 4)
+        """Never write these strings (an API key, header values), nor any prefix of 8 characters or
+        more of one: `scrub` and `append` blank them (`redaction.keep_secret`)."""
+        keep_secret(*secrets)
 
     def scrub(self, text: str) -> str:
-        """`text` with every secret given to `keep_out` replaced by [redacted]."""
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        """`text` with every secret of the run (see `keep_out`) replaced by [redacted]."""
+        return redact(text)
 
     def append(self, result: Result) -> None:
         """Write one result to the journal and flush it to the OS (fsync happens in `sync`).
 
-        A server that echoes a key back in an error message does not get it into the Parquet.
+        The row is `checked_row` first: a server that echoes the key back (in an error, a caption,
+        a model name or an id) does not get it into the Parquet, and no number can wedge a part.
         """
-        if self._secrets and result.error:
-            result = dataclasses.replace(result, error=self.scrub(result.error))
+        result = checked_row(result)
         if self._file is None:
             self._segment += 1
             self._rows_in_segment = 0
@@ -175,20 +180,28 @@ class Store:
             os.fsync(self._file.fileno())
 
     def convert(self, journal: Path) -> Path | None:
-        """Write a journal segment's rows as its Parquet part, atomically, then delete the segment."""
+        """Write a journal segment's rows as its Parquet part, atomically, then delete the segment.
+
+        A line that is not a row, or whose values no column can hold, goes to the segment's
+        quarantine file (logged), never stopping the others; a torn last line is dropped.
+        """
         number = journal_number(journal)
         part = part_path(self.out, number)
         tmp = self.out / f"_part-{number:05d}.tmp"
-        rows = read_journal(journal)
+        quarantine = _Quarantine(quarantine_path(self.out, number))
+        lines = journal_lines(journal)
         writer = None
         try:
             # A row group per CONVERT_BATCH rows: memory stays flat whatever part_rows is.
-            while batch := list(itertools.islice(rows, CONVERT_BATCH)):
-                writer = writer or pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
-                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+            while batch := list(itertools.islice(lines, CONVERT_BATCH)):
+                table = _table(batch, quarantine, journal.name)
+                if table.num_rows:
+                    writer = writer or pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+                    writer.write_table(table)
         finally:
             if writer is not None:
                 writer.close()
+        quarantine.close(journal.name)
         if writer is not None:
             fsync_path(tmp)
             os.replace(tmp, part)
@@ -243,6 +256,81 @@ class Store:
         return status == "ok" and not dedup_of and fingerprint == self.fingerprint
 
 
+def checked_row(result: Result) -> Result:
+    """`result` as it may be journalled: the run's secrets redacted from every text a server could
+    have sent (caption, model, error, ids, fields), and any integer its column cannot hold (or a
+    negative token count) null, logged. The last guard: a provider is meant to have checked already."""
+    changes: dict[str, Any] = {}
+    for name in _REDACTED:
+        value = getattr(result, name)
+        if value is not None:
+            text = redact(value if isinstance(value, str) else str(value))
+            if text is not value:
+                changes[name] = text
+    for name, (low, high) in INT_BOUNDS.items():
+        value = getattr(result, name)
+        if value is None:
+            continue
+        low = 0 if name in _COUNTS else low
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            log.warning("%s: %s=%.40r does not fit the column; stored as null", result.image_path, name, value)
+            changes[name] = None
+    if result.flags is not None and not all(isinstance(f, str) for f in result.flags):
+        changes["flags"] = tuple(str(f) for f in result.flags)
+    return dataclasses.replace(result, **changes) if changes else result
+
+
+class _Quarantine:
+    """The journal lines of one segment that could not become rows, kept as they were."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+        self.lines = 0
+
+    def keep(self, raw: bytes) -> None:
+        if self._handle is None:
+            self._handle = open(self.path, "ab")
+        self._handle.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        self.lines += 1
+
+    def close(self, journal_name: str) -> None:
+        """Make what was kept durable (before the journal goes), and say so."""
+        if self._handle is None:
+            return
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        log.warning("%s: %d line(s) could not become Parquet rows; moved to %s, the rest converted",
+                    journal_name, self.lines, self.path.name)
+
+
+def _table(lines: list[JournalLine], quarantine: _Quarantine, journal_name: str) -> pa.Table:
+    """The rows of `lines` as a table of SCHEMA; lines that are not rows, or that no column can
+    hold, go to `quarantine` (a torn last line is dropped)."""
+    rows = []
+    for line in lines:
+        if line.row is not None:
+            rows.append(line)
+        elif line.torn:
+            log.warning("%s: line %d is torn (a crash mid-write); dropped", journal_name, line.number)
+        else:
+            quarantine.keep(line.raw)
+    try:
+        return pa.Table.from_pylist([line.row for line in rows], schema=SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass  # at least one row does not fit: find which, one at a time
+    kept = []
+    for line in rows:
+        try:
+            pa.Table.from_pylist([line.row], schema=SCHEMA)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            quarantine.keep(line.raw)
+            continue
+        kept.append(line.row)
+    return pa.Table.from_pylist(kept, schema=SCHEMA)
+
+
 def _upgrade_part(out: Path, number: int) -> None:
     """Rewrite a part whose schema is not SCHEMA (columns added since), atomically.
 
@@ -250,8 +338,11 @@ def _upgrade_part(out: Path, number: int) -> None:
     would silently lose the new columns in `pd.read_parquet("out/")`.
     """
     part = part_path(out, number)
-    if pq.read_schema(part).equals(SCHEMA):
-        return
+    try:
+        if pq.read_schema(part).equals(SCHEMA):
+            return
+    except (pa.ArrowException, OSError) as err:
+        raise unreadable_part(part, err) from None
     table = pq.read_table(part)
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
                else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
