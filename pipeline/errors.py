@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from .redaction import redact
+
 __all__ = [
     "CaptionError",
     "RateLimitError",
@@ -26,7 +28,8 @@ __all__ = [
 ]
 
 MAX_MESSAGE_CHARS = 500
-"""Server messages are cut to this length: an HTML error page must not fill a Parquet cell."""
+"""Server messages are cut to this length: an HTML error page must not fill a Parquet cell. The
+run's secrets are redacted before the cut (`redaction.redact`), so a cut never leaves a key's prefix."""
 
 
 class CaptionError(Exception):
@@ -35,13 +38,13 @@ class CaptionError(Exception):
     kind: ClassVar[str] = "error"
 
     def __init__(self, message: str, *, status: int | None = None, request_id: str | None = None):
-        message = " ".join(str(message).split())
+        message = redact(" ".join(str(message).split()))  # first redact, then cut: a cut key is still a key
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
         self.status = status  # HTTP status, None when no response arrived
-        self.request_id = request_id  # the server's x-request-id, when it sent one
+        self.request_id = redact(request_id) if request_id else request_id  # the server's x-request-id
 
     def __str__(self) -> str:
         return f"HTTP {self.status}: {self.message}" if self.status else self.message
@@ -75,11 +78,15 @@ class BadOutputError(CaptionError):
 
     kind = "bad_output"
 
-    def __init__(self, message: str, *, retryable: bool = True, usage=None, finish_reason: str | None = None, **kw):
+    def __init__(self, message: str, *, retryable: bool = True, usage=None, finish_reason: str | None = None,
+                 answer=None, **kw):
         super().__init__(message, **kw)
         self.retryable = retryable  # False when asking again the same way cannot help (a refusal, a cut answer)
         self.usage = usage  # the records.Usage the answer was billed at, when known
         self.finish_reason = finish_reason
+        # A usable but suspect answer (shorter than output.min_chars: maybe cut upstream), the
+        # records.ChatResult: asked for again up to max_attempts, then kept as an ok row, flagged.
+        self.answer = answer
 
 
 class FatalError(CaptionError):

@@ -108,6 +108,9 @@ class Output:
     part_rows: int = 10_000  # roll a part after this many rows...
     part_seconds: float = 60.0  # ...or after this long, whichever comes first
     max_chars: int | None = None  # captions longer than this are flagged (never cut): alt-text limits
+    # Answers shorter than this are asked for again (up to max_attempts: a gateway may have ended a
+    # dropped upstream cleanly, "A"), then kept and flagged under_min_chars.
+    min_chars: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("limits.preprocess_workers", 0, 256),
     ("output.part_rows", 1, 10_000_000),
     ("output.part_seconds", 0.001, 86_400),
+    ("output.min_chars", 1, 100_000),
     ("batch.max_requests", 1, 50_000),  # OpenAI's limits per batch file: https://platform.openai.com/docs/guides/batch
     ("batch.max_file_mb", 0.001, 200),
     ("batch.poll_s", 0.001, 86_400),

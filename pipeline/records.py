@@ -56,8 +56,9 @@ class ChatResult:
     text: str
     model: str  # as the server named it
     finish_reason: str | None
-    usage: Usage | None  # None when the server sent no usage
+    usage: Usage | None  # None when the server sent no usage, or none worth believing
     request_id: str | None
+    usage_rejected: bool = False  # the server sent usage, but not believable counts (negative, 10**15, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class Result:
     request_id: str | None = None
     dedup_of: str | None = None  # for a copy of an image already sent: the image_path that was sent
     fields: str | None = None  # structured jobs: the answer's JSON object, checked against the schema
-    flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "length" (cut by max_tokens)
+    flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "under_min_chars", "length", "usage_rejected"
 
 
 MAX_NAMED_FAILURES = 10
@@ -158,6 +159,8 @@ class BatchSummary(RunSummary):
     live_batches: int = 0
     submitted: int = 0  # batches created by this invocation
     detached: bool = False
+    refused: int = 0  # ingest: lines naming a request that was not prepared (or no safe image path)
+    unreadable: int = 0  # ingest: lines that are not a result line at all (not JSON, no custom_id)
 
     @property
     def exit_code(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -14,8 +15,10 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_JOB, EXPECTED_SCHEMA, ROOT, read_rows
+from conftest import DEMO_JOB, EXPECTED_SCHEMA, ROOT, copy_samples, latest_rows, read_rows
 from pipeline.engine.batch import CRASH_ENV
+from pipeline.engine.batch.collect import poll_waits
+from pipeline.engine.batch.lines import result_lines
 from pipeline.job import Job
 from pipeline.providers.openai import OpenAIBatchBackend, OpenAIProvider
 
@@ -339,3 +342,115 @@ def test_a_full_provider_queue_waits_for_a_live_batch_instead_of_stopping(server
     statuses = [b.status for b in server.batches()]
     assert statuses[:2] == ["expired", "failed"] and statuses.count("failed") == 1
     assert "wait until a live batch ends" in err
+
+
+# --- issue 10: batch mode never pays twice, ingest takes only what was prepared, human-speed polls ---------
+
+
+def test_identical_files_are_sent_once_in_batch_mode_too(server, tmp_path, cli):
+    folder = copy_samples(tmp_path / "in", {**{f"copy_{i}.jpg": "coffee_cup.jpg" for i in range(4)},
+                                             "cat.jpg": "chelsea_the_cat.jpg"})
+    out = tmp_path / "out"
+    assert cli(*_argv(folder, out, server, "--batch-max-requests", "2")).code == 0
+    assert sum(b.lines for b in server.batches()) == 2  # one coffee cup and one cat, in one chunk
+    rows = {r["image_path"]: r for r in read_rows(out)}
+    assert len(rows) == 5 and {r["status"] for r in rows.values()} == {"ok"}
+    copies = [r for r in rows.values() if r["dedup_of"]]
+    assert len(copies) == 3 and {r["dedup_of"] for r in copies} == {"copy_0.jpg"}
+    assert all(r["caption"] == rows["copy_0.jpg"]["caption"] and r["total_tokens"] == 0 for r in copies)
+
+
+def test_a_copy_of_an_image_captioned_online_is_not_sent_in_batch(server, tmp_path, cli):
+    out = tmp_path / "out"
+    online = copy_samples(tmp_path / "first", {"cup.jpg": "coffee_cup.jpg"})
+    assert cli("run", online, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url, "--max-side", "256",
+               "--no-progress").code == 0
+    later = copy_samples(tmp_path / "later", {"cup.jpg": "coffee_cup.jpg", "mug.jpg": "coffee_cup.jpg",
+                                              "cat.jpg": "chelsea_the_cat.jpg"})
+    assert cli(*_argv(later, out, server)).code == 0
+    assert [b.lines for b in server.batches()] == [1]  # only the cat: the cup's bytes were captioned online
+    mug = latest_rows(out)["mug.jpg"]
+    assert mug["dedup_of"] == "cup.jpg" and mug["status"] == "ok"
+
+
+def test_detach_then_collect_counts_each_image_once(server, folder, tmp_path, cli):
+    out = tmp_path / "out"
+    assert cli(*_argv(folder, out, server, "--detach")).code == 0
+    deadline = time.monotonic() + 10
+    while server.batches()[0].status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    code, printed, _ = cli("batch", "collect", str(out))
+    assert code == 0 and f"{len(GOOD)} ok, 0 error, 0 already done" in printed
+    assert f"0 ok, 0 error, {len(GOOD)} already done" in cli(*_argv(folder, out, server)).out
+
+
+def test_cancel_reports_only_batches_it_cancelled(server, folder, tmp_path, cli):
+    out = tmp_path / "out"
+    assert cli(*_argv(folder, out, server, "--detach")).code == 0
+    deadline = time.monotonic() + 10
+    while server.batches()[0].status != "completed":  # it ended before anyone asked to cancel it
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    code, printed, _ = cli("batch", "cancel", out)
+    assert code == 0 and "asked to cancel 0 batches" in printed
+    assert cli("batch", "collect", str(out)).code == 0 and _ok_paths(out) == sorted(GOOD)
+
+
+@pytest.mark.parametrize(("poll_s", "expected"), [(60, [1, 2, 4, 8, 16, 32, 60, 60]), (5, [1, 2, 4, 5, 5]),
+                                                  (0.02, [0.02, 0.02])], ids=["default", "short", "tiny"])
+def test_polls_start_at_a_second_and_double_up_to_poll_s(poll_s, expected):
+    waits = poll_waits(poll_s)
+    assert [next(waits) for _ in expected] == expected
+
+
+def test_a_quick_batch_is_collected_long_before_poll_s(server, tmp_path, write_job):
+    # poll_s = 1 h: without the quick first polls, this run would wait an hour for a batch that ends in 0.5 s
+    server.set_batch_delay(0.5)
+    folder = copy_samples(tmp_path / "in", GOOD[:2])
+    argv = [sys.executable, "-m", "pipeline", *_argv(folder, tmp_path / "out", server)]
+    argv[argv.index("--batch-poll-s") + 1] = "3600"
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(read_rows(tmp_path / "out")) == 2
+
+
+def _output_line(custom_id, caption: str | None = "A cup.", status: int = 200, request_id: str = "req_1") -> str:
+    body = ({"id": "c", "object": "chat.completion", "model": "local-caption",
+             "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": caption}, "finish_reason": "stop"}]}
+            if status == 200 else {"error": {"message": "upstream overloaded", "type": "server_error"}})
+    return json.dumps({"id": f"batch_{request_id}", "custom_id": custom_id,
+                       "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None})
+
+
+def test_ingest_takes_only_prepared_requests_counts_garbage_and_adds_nothing_twice(server, tmp_path, cli):
+    folder = copy_samples(tmp_path / "in", ["coffee_cup.jpg", "chelsea_the_cat.jpg"])
+    dest, out = tmp_path / "requests", tmp_path / "out"
+    assert cli("batch", "prepare", folder, "--job", DEMO_JOB, "--dest", dest).code == 0
+    output = tmp_path / "output.jsonl"
+    output.write_text("\n".join([_output_line("coffee_cup.jpg"), _output_line("../../etc/passwd", request_id="r2"),
+                                 "{not json", _output_line("chelsea_the_cat.jpg", status=500, request_id="r3")])
+                      + "\n")
+    first = cli("batch", "ingest", out, output, "--job", DEMO_JOB, "--prepared", dest)
+    assert first.code == 1  # the cat's line is an error row
+    assert "1 refused" in first.out + first.err and "1 unreadable" in first.out + first.err
+    rows = read_rows(out)
+    assert sorted((r["image_path"], r["status"]) for r in rows) == [("chelsea_the_cat.jpg", "error"),
+                                                                     ("coffee_cup.jpg", "ok")]
+    cli("batch", "ingest", out, output, "--job", DEMO_JOB, "--prepared", dest)
+    assert len(read_rows(out)) == 2  # the same file again: no row twice, error rows included
+
+
+def test_ingest_without_prepared_refuses_a_custom_id_that_is_no_relative_path(tmp_path, cli):
+    output = tmp_path / "output.jsonl"
+    output.write_text(_output_line("../../etc/passwd") + "\n" + _output_line("/abs.jpg", request_id="r2") + "\n"
+                      + _output_line("ok.jpg", request_id="r3") + "\n")
+    ran = cli("batch", "ingest", tmp_path / "out", output, "--job", DEMO_JOB)
+    assert ran.code == 0 and "2 refused" in ran.out + ran.err
+    assert [r["image_path"] for r in read_rows(tmp_path / "out")] == ["ok.jpg"]
+
+
+def test_an_over_long_result_line_is_skipped_not_read_whole():
+    handle = io.BytesIO(b"first\n" + b"x" * 5000 + b"\nlast\n")
+    assert list(result_lines(handle, "f.jsonl", limit=1000)) == [b"first\n", b"last\n"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 
 import pytest
 
 from pipeline import errors
 from pipeline.providers.http import proxy_for
+from pipeline.providers.openai import OpenAIProvider
 from pipeline.providers.openai.chat import build_payload, parse_completion, parse_usage
+from pipeline.redaction import Redactor, keep_secret
 from pipeline.providers.openai.errors import classify_response, parse_duration, parse_retry_after
 from pipeline.providers.sse import SSEDecoder
 from pipeline.job import load_job
@@ -221,3 +224,81 @@ def test_proxy_for_honours_the_proxy_variables_and_no_proxy(monkeypatch, env, ur
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert proxy_for(url) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"prompt_tokens": 90, "completion_tokens": 10**15, "total_tokens": 10**15 + 90},
+        {"prompt_tokens": -5, "completion_tokens": 8},
+        {"prompt_tokens": 90, "completion_tokens": 8.5},
+        {"prompt_tokens": True, "completion_tokens": 8},
+        {"prompt_tokens": float("nan"), "completion_tokens": 8},
+        {"prompt_tokens": float("inf"), "completion_tokens": 8},
+        {"prompt_tokens": "90", "completion_tokens": 8},
+        {"prompt_tokens": 2**31 - 1, "completion_tokens": 1},  # each fits, the sum does not
+        {"prompt_tokens": 90, "completion_tokens": 8, "prompt_tokens_details": {"cached_tokens": -1}},
+        {"prompt_tokens": 90, "completion_tokens": 8, "completion_tokens_details": {"reasoning_tokens": 1e300}},
+    ],
+    ids=["10**15", "negative", "fraction", "bool", "nan", "inf", "string", "sum-overflows", "cached-negative",
+         "reasoning-huge"],
+)
+def test_unbelievable_usage_counts_as_not_reported(raw):
+    assert parse_usage(raw) is None
+    body = json.dumps({"model": "m", "usage": raw, "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]})
+    chat = parse_completion(body.encode(), "req")
+    assert chat.usage is None and chat.usage_rejected
+
+
+def test_whole_number_floats_are_counts():
+    assert parse_usage({"prompt_tokens": 90.0, "completion_tokens": 8}).total_tokens == 98
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("key=sk-SECRET123", "key=[redacted]"),
+        ("key=sk-SECRET", "key=[redacted]"),  # a prefix of 8+ characters is the key still
+        ("key=sk-SECR", "key=sk-SECR"),  # 7 characters: too short to be told from ordinary text
+        ("a sk-SECRET123sk-SECRET1 b", "a [redacted][redacted] b"),
+        ("org-abc and org-ab", "[redacted] and org-ab"),  # a short secret: whole only
+        ("nothing here", "nothing here"),
+    ],
+    ids=["whole", "cut-to-10", "cut-to-7", "twice-adjacent", "short-secret", "none"],
+)
+def test_redactor_blanks_every_prefix_of_eight_or_more(text, expected):
+    assert Redactor(["sk-SECRET123", "org-abc", None, "abc"]).redact(text) == expected
+
+
+def test_an_html_page_is_redacted_before_it_is_cut():
+    key = "sk-" + "k" * 101
+    keep_secret(key)
+    error = classify_response(502, {}, f"<html><body>echo: Bearer {key}</body></html>".encode())
+    assert key[:8] not in str(error) and "[redacted]" in str(error)
+
+
+def _stream(*chunks: dict | str) -> bytes:
+    return b"".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks)
+
+
+def test_a_stream_without_usage_is_transient_once_this_server_has_sent_usage():
+    provider = OpenAIProvider(load_job(None), "http://x/v1", api_key=None, headers={})
+    text = {"model": "m", "choices": [{"index": 0, "delta": {"content": "A"}, "finish_reason": "stop"}]}
+    usage = {"model": "m", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}
+
+    def parse(data: bytes):
+        parser = provider.stream_parser({})
+        parser.feed(data)
+        return parser.result()
+
+    assert parse(_stream(text, "[DONE]")).usage is None  # not known yet whether this server sends usage
+    assert parse(_stream(text, usage, "[DONE]")).usage.total_tokens == 10
+    with pytest.raises(errors.TransientError, match="without the usage chunk"):
+        parse(_stream(text, "[DONE]"))
+
+
+@pytest.mark.parametrize(("finish", "expected"), [("stop", errors.TransientError), ("length", errors.BadOutputError)])
+def test_an_empty_answer_is_transient_unless_cut_by_max_tokens(finish, expected):
+    body = json.dumps({"model": "m", "choices": [{"message": {"content": ""}, "finish_reason": finish}]})
+    with pytest.raises(expected):
+        parse_completion(body.encode(), "req")

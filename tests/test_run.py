@@ -161,14 +161,14 @@ def test_missing_usage_is_estimated_and_marked(server, caption, job_file, tmp_pa
 
 @pytest.mark.parametrize(
     "fault, kind, attempts",
-    [("413", "bad_request", 1), ("422", "bad_request", 1), ("empty", "bad_output", 2)],
+    [("413", "bad_request", 1), ("422", "bad_request", 1), ("empty", "transient", 3)],  # empty + stop: a drop
 )
 def test_per_image_failures_become_errorread_rows(server, caption, job_file, tmp_path, fault, kind, attempts):
     server.fail_next(fault, times=5)
     code, _, _ = caption(_images(tmp_path), tmp_path / "out", job_file())
     (row,) = read_rows(tmp_path / "out")
     assert code == 1 and (row["status"], row["error_kind"], row["attempts"]) == ("error", kind, attempts)
-    assert len(_chat_requests(server)) == attempts  # a 4xx is not asked again; an empty answer once more
+    assert len(_chat_requests(server)) == attempts  # a 4xx is not asked again; an empty answer (a drop) to max_attempts
 
 
 @pytest.mark.parametrize("fault", ["401", "403_quota", "404_model", "429_quota"])

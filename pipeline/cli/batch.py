@@ -142,5 +142,8 @@ def _cmd_batch_ingest(args: argparse.Namespace, argv: list[str]) -> int:
     job = load_job(args.job)
     summary = ingest_outputs(job, args.out, args.files, prepared=args.prepared,
                              allow_job_change=args.allow_job_change)
-    print(f"caption: {counts_line(summary)}, {summary.skipped} already ok; Parquet in {args.out}/")
+    print(f"caption: {counts_line(summary)}, {summary.skipped} already ok or ingested; Parquet in {args.out}/")
+    if summary.refused or summary.unreadable:
+        print(f"caption: {summary.refused} refused (a custom_id that was not prepared, or no relative path), "
+              f"{summary.unreadable} unreadable (not a result line); no row was written for them", file=sys.stderr)
     return 1 if summary.errors else 0

@@ -11,10 +11,11 @@ import logging
 import re
 import sys
 
+from .. import redaction
+
 __all__ = ["configure_logging", "redact", "scrub"]
 
 QUIET_THREAD_PREFIX = "caption-quiet-"  # the engine names threads whose log lines repeat another's
-_SECRETS: set[str] = set()
 _BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 
 
@@ -30,16 +31,14 @@ class _RedactingFilter(logging.Filter):
 
 
 def scrub(text: str) -> str:
-    """`text` with every secret of this run (API key, header values) replaced by [redacted]."""
-    for secret in _SECRETS:
-        text = text.replace(secret, "[redacted]")
-    return text
+    """`text` with every secret of this run (API key, header values), and every prefix of 8 characters
+    or more of one, replaced by [redacted]: the one rule of `pipeline.redaction`."""
+    return redaction.redact(text)
 
 
 def redact(secret: str) -> None:
     """Register `secret` so no log record and no scrubbed line ever shows it (too short ones are ignored)."""
-    if len(secret) >= 4:
-        _SECRETS.add(secret)
+    redaction.keep_secret(secret)
 
 
 class _QuietThreadsFilter(logging.Filter):

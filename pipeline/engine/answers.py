@@ -1,9 +1,11 @@
 """engine/answers.py: what a chat answer becomes in a row, the same for the online and the batch driver.
 
-Owns three checks on an answer that arrived: its usage (reported, or estimated when the server
-sent none), its structured fields (parsed and checked against the job's JSON Schema; a failure
-is a `BadOutputError`, which the drivers retry once), and its quality flags (longer than
-`output.max_chars`, cut by max_tokens). Pure: no I/O, no network.
+Owns four checks on an answer that arrived: its usage (reported, or estimated when the server
+sent none or none worth believing), its structured fields (parsed and checked against the job's
+JSON Schema; a failure is a `BadOutputError`, which the drivers retry once), its length (shorter
+than `output.min_chars`: asked again up to max_attempts, since a gateway may have ended a dropped
+upstream cleanly, then kept and flagged), and its quality flags (longer than `output.max_chars`,
+shorter than `output.min_chars`, cut by max_tokens, usage not believable). Pure: no I/O, no network.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..errors import BadOutputError, FatalError
 from ..job import Job
 from ..records import ChatResult, Usage
 
-__all__ = ["answer_fields", "billed_fields", "parse_fields", "quality_flags"]
+__all__ = ["answer_fields", "billed_fields", "check_answer", "parse_fields", "quality_flags"]
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL | re.IGNORECASE)
 
@@ -53,6 +55,19 @@ def parse_fields(job: Job, chat: ChatResult) -> str | None:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def check_answer(job: Job, chat: ChatResult) -> str | None:
+    """`parse_fields`, then the length check: an answer shorter than `output.min_chars` raises a
+    BadOutputError carrying it (`answer`), so the retry policy asks again up to max_attempts and the
+    Captioner keeps the last one, flagged, when every attempt was short."""
+    fields = parse_fields(job, chat)
+    low = job.output.min_chars
+    if low is not None and len(chat.text) < low:
+        raise BadOutputError(f"answer shorter than output.min_chars={low} ({len(chat.text)} characters): "
+                             f"{chat.text[:40]!r}", usage=chat.usage, finish_reason=chat.finish_reason,
+                             request_id=chat.request_id, answer=chat)
+    return fields
+
+
 def _bad(chat: ChatResult, message: str, *, retryable: bool = True) -> BadOutputError:
     return BadOutputError(message, retryable=retryable, usage=chat.usage, finish_reason=chat.finish_reason,
                           request_id=chat.request_id)
@@ -83,6 +98,8 @@ def quality_flags(job: Job, text: str, finish_reason: str | None) -> tuple[str, 
     flags = []
     if job.output.max_chars is not None and len(text) > job.output.max_chars:
         flags.append("over_max_chars")
+    if job.output.min_chars is not None and len(text) < job.output.min_chars:
+        flags.append("under_min_chars")
     if finish_reason == "length":
         flags.append("length")
     return tuple(flags) or None
@@ -105,8 +122,13 @@ def answer_fields(job: Job, chat: ChatResult, sent_width: int, sent_height: int,
         "reasoning_tokens": usage.reasoning_tokens,
         "usage_source": usage.source,
         "fields": fields,
-        "flags": quality_flags(job, chat.text, chat.finish_reason),
+        "flags": _with(quality_flags(job, chat.text, chat.finish_reason), "usage_rejected" if chat.usage_rejected
+                       else None),
     }
+
+
+def _with(flags: tuple[str, ...] | None, flag: str | None) -> tuple[str, ...] | None:
+    return flags if flag is None else (*(flags or ()), flag)
 
 
 def billed_fields(err: Exception) -> dict[str, Any]:

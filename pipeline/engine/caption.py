@@ -49,8 +49,14 @@ class Captioner:
     mode: Literal["online", "batch"] = "online"
 
     def prepare(self, item: Item) -> Encoded:
-        """Read and encode one item (CPU-bound: run it off the event loop); raises BadImageError."""
+        """Read and encode one item (CPU-bound: run it off the event loop); raises BadImageError.
+
+        The header is read first (`images.probe_size`), so a file that is not an image is refused
+        before it is read whole; the read itself is bounded by the source's size limit.
+        """
         try:
+            with item.open() as handle:
+                images.probe_size(handle)
             data = item.read()
         except OSError as err:
             raise BadImageError(f"cannot read file: {err.strerror or err}") from None
@@ -72,9 +78,15 @@ class Captioner:
                     started = time.monotonic()
                     chat = await self._attempt(encoded, tokens, send)
                     latency_s = time.monotonic() - started
-                    fields = answers.parse_fields(self.job, chat)
+                    fields = answers.check_answer(self.job, chat)
         except FatalError:
             raise
+        except BadOutputError as err:
+            if err.answer is None:
+                return self.error_row(key, facts, err, attempts=attempts)
+            # every attempt was suspect (too short): keep the last answer, flagged
+            return self.ok_row(key, facts, err.answer, answers.parse_fields(self.job, err.answer),
+                               attempts=attempts, latency_s=latency_s)
         except CaptionError as err:
             return self.error_row(key, facts, err, attempts=attempts)
         return self.ok_row(key, facts, chat, fields, attempts=attempts, latency_s=latency_s)

@@ -2,7 +2,9 @@
 
 A copy of an image already captioned (or being captioned right now) gets that image's answer:
 the same caption, zero tokens, and `dedup_of` naming the image that was sent. Only this job's
-answers count (the store's resume index holds the sha256 of this job's ok rows). Driver-side
+answers count (the store's resume index holds the sha256 of this job's ok rows). The online driver
+asks `caption_once` (a copy waits for an original in flight); the batch driver asks `original_of`
+before it puts an image in a chunk, and `remember`s every ok row it writes. Driver-side
 scheduling state, for one event loop; it writes nothing.
 """
 
@@ -48,12 +50,29 @@ class Deduper:
         finally:
             del self._sending[sha]
             future.set_result(result if result is not None and result.status == "ok" else None)
-        if result.status == "ok":
-            self.sent_shas.add(sha)
+        self.remember(result)
+        return result
+
+    def remember(self, result: Result) -> None:
+        """Note a row just written: if ok, its bytes need not be sent again."""
+        if result.status != "ok" or not result.image_sha256:
+            return
+        sha = key_hash(result.image_sha256)
+        self.sent_shas.add(sha)
+        if result.dedup_of is None:
             self._recent[sha] = result
+            self._recent.move_to_end(sha)
             if len(self._recent) > DEDUP_CACHE:
                 self._recent.popitem(last=False)
-        return result
+
+    async def original_of(self, sha256: str) -> Original | None:
+        """The ok row of an image with these bytes already captioned by this job, or None."""
+        sha = key_hash(sha256)
+        if (recent := self._recent.get(sha)) is not None:
+            return recent
+        if sha in self.sent_shas:
+            return await asyncio.to_thread(self._find_on_disk, sha256)
+        return None
 
     async def _sent_copy(self, sha: int, sha256: str) -> Original | None:
         """The ok row of an earlier copy of these bytes: being sent now, recent, or on disk."""

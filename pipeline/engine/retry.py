@@ -56,6 +56,8 @@ class RetryPolicy:
         """
         if isinstance(err, RateLimitError):
             return self.max_attempts * RATE_LIMIT_PATIENCE
+        if isinstance(err, BadOutputError) and err.answer is not None:
+            return self.max_attempts  # a suspect answer (too short): maybe cut upstream, as transient as a drop
         if isinstance(err, BadOutputError):
             return min(self.max_attempts, BAD_OUTPUT_ATTEMPTS if err.retryable else 1)
         return self.max_attempts

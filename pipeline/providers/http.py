@@ -2,8 +2,10 @@
 
 Owns the HTTP exchange of one request: POST the JSON a `Provider` built, hand the rate-limit
 headers to whoever listens, and turn the answer (whole or streamed) into the provider's
-`ChatResult` or typed error. Timeouts and dropped connections become `TransientError`. Knows no
-provider's format and decides nothing: no retries, no sleeping, no counting.
+`ChatResult` or typed error. Timeouts and dropped connections become `TransientError`, and so
+does an answer larger than MAX_ANSWER_BYTES (its connection is closed): nothing a server sends is
+read without a limit. Knows no provider's format and decides nothing: no retries, no sleeping, no
+counting.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from ..errors import CaptionError, TransientError
 from ..records import ChatResult, RateInfo
 from .base import HttpRequest, Provider
 
-__all__ = ["Transport", "proxy_for"]
+__all__ = ["MAX_ANSWER_BYTES", "Transport", "proxy_for", "read_bounded"]
+
+MAX_ANSWER_BYTES = 8 * 2**20
+"""The most one answer (a body, or a whole stream) may be, in bytes. A caption is a few KB, a JSON
+answer with its usage a few more: 8 MB is generous, and an endless body stops here instead of
+growing until the run dies of MemoryError."""
 
 
 class Transport:
@@ -43,13 +50,18 @@ class Transport:
                 if self._on_rate_info is not None and (info := provider.rate_info(response.headers)):
                     self._on_rate_info(info)
                 if response.status != 200 or response.content_type != "text/event-stream":
-                    body = await response.read()
+                    body = await read_bounded(response, MAX_ANSWER_BYTES)
                     error = provider.classify(response.status, response.headers, body)
                     if error is not None:
                         raise error
                     return provider.parse_body(body, response.headers)
                 parser = provider.stream_parser(response.headers)
+                size = 0
                 async for chunk in response.content.iter_any():
+                    size += len(chunk)
+                    if size > MAX_ANSWER_BYTES:
+                        response.close()
+                        raise _too_large(MAX_ANSWER_BYTES, "stream")
                     parser.feed(chunk)
                 return parser.result()
         except CaptionError:
@@ -66,6 +78,26 @@ class Transport:
         if key not in self._proxies:
             self._proxies[key] = proxy_for(url)
         return self._proxies[key]
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body of `response`, at most `limit` bytes; over it, the connection is closed and
+    TransientError names the limit. A Content-Length over the limit is refused before reading."""
+    if response.content_length is not None and response.content_length > limit:
+        response.close()
+        raise _too_large(limit, "body")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            raise _too_large(limit, "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, what: str) -> TransientError:
+    return TransientError(f"answer {what} larger than {limit:,} bytes (the limit); connection closed")
 
 
 def proxy_for(url: str) -> str | None:

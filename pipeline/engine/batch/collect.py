@@ -2,7 +2,9 @@
 
 Collection marks the chunk "collecting" first; a collection cut short is redone, skipping lines
 whose row (image, request id) is already in the store, so every result becomes a row exactly once.
-What a batch did not answer for good goes in the chunk's retry file, for a later chunk.
+What a batch did not answer for good goes in the chunk's retry file, for a later chunk. Polls
+start at FIRST_POLL_S and double up to `batch.poll_s`, so a batch that ends in seconds (a local
+server, a small batch) is collected in seconds, and a long one is asked about every poll_s.
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Iterator
 
 from ...errors import FatalError, RateLimitError, TransientError
 from ...providers import BatchInfo, LineResult
 from ...store import iter_rows
 from .context import BatchRun
-from .lines import LineOutcome, outcome_of, read_line
+from .lines import LineOutcome, outcome_of, read_line, result_lines
 from .state import ChunkRecord, IndexEntry, crash_point, read_index
 
-__all__ = ["Collector"]
+__all__ = ["Collector", "poll_waits"]
 
 log = logging.getLogger(__name__)
 
 POLL_BACKOFF_MAX_S = 600.0
+FIRST_POLL_S = 1.0  # the first wait between polls; doubled each poll up to batch.poll_s
 _RESULT_FILE = ".results-{}.jsonl"
 
 
@@ -34,9 +38,10 @@ class Collector:
         self.held = False  # the provider's queue is full: submit again once a batch ends
 
     async def wait_and_collect(self, live: list[ChunkRecord]) -> None:
-        """Poll the live batches every poll_s (backing off on errors) until at least one is collected."""
+        """Poll the live batches (see `poll_waits`; backing off on errors) until at least one is collected."""
         run, failures = self.run, 0
         poll_s = run.captioner.job.batch.poll_s
+        waits = poll_waits(poll_s)
         backoff = dataclasses.replace(run.policy, base_s=poll_s, max_s=max(poll_s, POLL_BACKOFF_MAX_S))
         while True:
             try:
@@ -58,7 +63,7 @@ class Collector:
             crash_point("polling")
             if ended:
                 return
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(next(waits))
 
     async def poll_once(self, record: ChunkRecord) -> bool:
         """Ask for a submitted batch's status; collect it if it has ended. True if collected.
@@ -101,7 +106,7 @@ class Collector:
             path = run.state.path(record.name, _RESULT_FILE.format(number))
             await run.policy.call("download", run.backend.download, file_ref, path)
             with open(path, "rb") as handle:
-                for raw in handle:
+                for raw in result_lines(handle, path.name):
                     self._take(read_line(run.captioner, run.backend, raw, index.get, max_attempts), index, seen)
         for custom_id, entry in index.items():  # in no file: it did not run
             if custom_id not in seen.handled:
@@ -165,6 +170,14 @@ class Collector:
 
     def _index(self, record: ChunkRecord) -> dict[str, IndexEntry]:
         return {e.custom_id: e for e in read_index(self.run.state.path(record.name, ".index.jsonl"))}
+
+
+def poll_waits(poll_s: float, first_s: float = FIRST_POLL_S) -> Iterator[float]:
+    """Seconds to wait before each next poll: first_s, doubling, then poll_s for ever (never above poll_s)."""
+    wait = min(first_s, poll_s)
+    while True:
+        yield wait
+        wait = min(wait * 2, poll_s)
 
 
 @dataclasses.dataclass(slots=True)

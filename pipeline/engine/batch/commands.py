@@ -26,18 +26,20 @@ from ...job import LOCAL_BASE_URL, Job
 from ...providers import BatchBackend, make_batch_backend, make_provider
 from ...records import BatchSummary
 from ...sources import open_source
-from ...store import BATCH_DIR, OutFolderLock, Store, key_hash
+from ...store import BATCH_DIR, HashSet, OutFolderLock, Store, iter_rows, key_hash
 from ..caption import Captioner, image_facts
 from ..local import bundled_endpoint
 from ..retry import RetryPolicy
 from .context import BatchRun
 from .driver import BatchDriver
-from .lines import read_line
+from .lines import line_custom_id, read_line, result_lines
 from .state import RUN_FILE, BatchState, ChunkWriter, IndexEntry, read_index
 from .submit import encoded_items
 
 __all__ = ["ChunkView", "PrepareSummary", "run_batch", "batch_status", "cancel_batches", "prepare_requests",
            "ingest_outputs", "load_run_job", "run_input"]
+
+CANCELLING = ("cancelling", "cancelled")  # what a provider says of a batch that a cancel reached in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +169,9 @@ async def batch_status(out: str | Path, job: Job, *, api_key: str | None, header
 
 async def cancel_batches(out: str | Path, job: Job, *, api_key: str | None,
                          headers: dict[str, str]) -> list[str]:
-    """Ask the provider to cancel every live batch of `out`; return their ids.
+    """Ask the provider to cancel every live batch of `out`; return the ids of those it is cancelling.
 
+    A batch that had already ended (the provider answers with its final status) is not counted.
     Their finished lines are collected by the next run; the rest are sent again then.
     """
     lock = OutFolderLock(Path(out))  # not while a run is writing the same records
@@ -181,7 +184,8 @@ async def cancel_batches(out: str | Path, job: Job, *, api_key: str | None,
                 if record.batch_id and record.state == "submitted":
                     batch = await policy.call("cancel", backend.cancel, record.batch_id)
                     state.save(dataclasses.replace(record, status=batch.status))
-                    cancelled.append(record.batch_id)
+                    if batch.status in CANCELLING and record.status not in CANCELLING:
+                        cancelled.append(record.batch_id)
         return cancelled
     finally:
         lock.release()
@@ -221,9 +225,13 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
                    allow_job_change: bool = False) -> BatchSummary:
     """Turn Batch API output files into rows of `out` (custom_id is the image key).
 
-    With `prepared` (the folder `prepare_requests` wrote), rows carry the image facts from its index
-    files; without, those columns are empty. Every line becomes a row (a transient failure is an
-    error row: there is no later chunk to retry it in); lines of images already ok are skipped.
+    With `prepared` (the folder `prepare_requests` wrote), only the requests it prepared are taken,
+    and rows carry the image facts from its index files; a line of any other custom_id is refused
+    (counted in `summary.refused`, never a row). Without, those columns are empty, and a custom_id
+    that is no safe relative path (`../x`, `/etc/passwd`) is refused. A line that is not a result
+    line is counted in `summary.unreadable`. Every other line becomes a row (a transient failure is
+    an error row: there is no later chunk to retry it in), except lines of images already ok and
+    lines already ingested (the same image and request id): so ingesting a file twice adds nothing.
     """
     out = Path(out)
     missing = [str(f) for f in files if not Path(f).is_file()]
@@ -237,22 +245,59 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
     captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
     store = _open_store(job, out, allow_job_change)
     summary, done = BatchSummary(out=out), store.done_keys()
-    lookup = lambda custom_id: index.get(custom_id) or IndexEntry(custom_id, custom_id, 1, {})  # noqa: E731
+    if prepared is not None:
+        lookup = index.get
+    else:
+        lookup = lambda custom_id: IndexEntry(custom_id, custom_id, 1, {}) if _safe_key(custom_id) else None  # noqa: E731
     try:
+        ingested = _ingested(store)
         for path in files:
             with open(path, "rb") as handle:
-                for raw in handle:
-                    outcome = read_line(captioner, backend, raw, lookup, max_attempts=1)
-                    if outcome is None or outcome.row is None:
-                        continue
-                    if key_hash(outcome.row.image_path) in done:
-                        summary.skipped += 1
-                        continue
-                    store.append(outcome.row)
-                    summary.count(outcome.row)
-                    if outcome.row.status == "ok":
-                        done.add(key_hash(outcome.row.image_path))
+                for raw in result_lines(handle, Path(path).name):
+                    _ingest_line(captioner, backend, raw, lookup, store, summary, done, ingested)
     finally:
         store.close()
         store.release()
     return summary
+
+
+def _ingest_line(captioner: Captioner, backend: BatchBackend, raw: bytes, lookup, store: Store,
+                 summary: BatchSummary, done: HashSet, ingested: HashSet) -> None:
+    """One output line of `ingest_outputs`: counted as unreadable or refused, skipped, or one row."""
+    custom_id = line_custom_id(raw)
+    if custom_id is None:
+        summary.unreadable += bool(raw.strip())
+        return
+    if lookup(custom_id) is None:
+        summary.refused += 1
+        return
+    outcome = read_line(captioner, backend, raw, lookup, max_attempts=1)
+    if outcome is None or outcome.row is None:
+        summary.unreadable += 1
+        return
+    row = outcome.row
+    if key_hash(row.image_path) in done or _row_hash(row.image_path, row.request_id) in ingested:
+        summary.skipped += 1
+        return
+    store.append(row)
+    summary.count(row)
+    ingested.add(_row_hash(row.image_path, row.request_id))
+    if row.status == "ok":
+        done.add(key_hash(row.image_path))
+
+
+def _safe_key(custom_id: str) -> bool:
+    """True for a custom_id that can be an image path relative to INPUT (no `..`, not absolute)."""
+    parts = custom_id.replace("\\", "/").split("/")
+    return bool(custom_id) and not custom_id.startswith("/") and ".." not in parts and ":" not in parts[0] \
+        and "\0" not in custom_id
+
+
+def _row_hash(image_path: str, request_id: str | None) -> int:
+    return key_hash(f"{image_path}\0{request_id or ''}")
+
+
+def _ingested(store: Store) -> HashSet:
+    """(image, request id) hashes of every row in the folder: lines ingested before are not again."""
+    return HashSet.of(_row_hash(p, r) for rows in iter_rows(store.out, ["image_path", "request_id"])
+                      for p, r in zip(rows["image_path"], rows["request_id"]))

@@ -14,6 +14,7 @@ from ...records import BatchSummary, Result
 from ...sources import ImageSource
 from ...store import HashSet, Store, key_hash
 from ..caption import Captioner
+from ..dedupe import Deduper
 from ..retry import RetryPolicy
 from .state import BatchState, ChunkRecord
 
@@ -36,11 +37,15 @@ class BatchRun:
     summary: BatchSummary
     policy: RetryPolicy
     done: HashSet = field(init=False)  # key hashes of images whose latest row is ok
+    done_before: HashSet = field(init=False)  # ...before this invocation: what "already done" counts
+    dedupe: Deduper = field(init=False)  # identical bytes are sent once (the online rule)
     bar: tqdm.tqdm | None = None
     _last_log: float = 0.0
 
     def __post_init__(self) -> None:
-        self.done = self.store.done_keys()
+        self.done_before, sent_shas = self.store.resume_index()
+        self.done = self.done_before.fork()
+        self.dedupe = Deduper(sent_shas, self.store.find_ok_by_sha)
 
     @classmethod
     def start(cls, *, progress: bool | None, **parts) -> BatchRun:
@@ -56,6 +61,7 @@ class BatchRun:
         self.summary.count(row)
         if row.status == "ok":
             self.done.add(key_hash(row.image_path))
+            self.dedupe.remember(row)
 
     def live_records(self) -> list[ChunkRecord]:
         return self.state.open_records()

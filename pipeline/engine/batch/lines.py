@@ -5,15 +5,17 @@ the policy, the same failure table as online mode: an answer → an ok row (or b
 batch line does not ask again); 400/413/422 → an error row; a transient failure, a 429 or a request
 that never ran → sent again in a later chunk while attempts remain, else an error row; a refusal
 the provider learns from (a renamed parameter) → sent again as the provider now builds it.
-The `Captioner` builds every row. No I/O.
+The `Captioner` builds every row. `result_lines` reads a result file a line at a time, each at most
+MAX_RESULT_LINE_BYTES (a longer one is skipped, logged: its request did not answer). No other I/O.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from ...errors import FatalError, InternalError, RateLimitError, TransientError
 from ...providers import BatchBackend, LineResult
@@ -21,9 +23,12 @@ from ...records import Result
 from ..caption import Captioner
 from .state import IndexEntry
 
-__all__ = ["LineOutcome", "outcome_of", "read_line"]
+__all__ = ["MAX_RESULT_LINE_BYTES", "LineOutcome", "line_custom_id", "outcome_of", "read_line", "result_lines"]
 
 log = logging.getLogger(__name__)
+
+MAX_RESULT_LINE_BYTES = 8 * 2**20  # one answer, as online (providers/http.py MAX_ANSWER_BYTES), and its wrapping
+_READ_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +84,30 @@ def read_line(captioner: Captioner, backend: BatchBackend, raw: bytes, lookup: C
                                                                 attempts=entry.attempts))
 
 
+def result_lines(handle: BinaryIO, name: str, limit: int = MAX_RESULT_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a result file, each at most `limit` bytes; a longer one is skipped (read past
+    in blocks, never held) with a log line naming the file and the line."""
+    number = 0
+    while line := handle.readline(limit + 1):
+        number += 1
+        if len(line) <= limit:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # the rest of the over-long line
+            line = handle.readline(_READ_BLOCK)
+        log.warning("%s: line %d is longer than %d bytes; skipped (its request counts as not answered)",
+                    name, number, limit)
+
+
+def line_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a result line, None when it is not a JSON object with a string custom_id."""
+    return _custom_id(raw)
+
+
 def _custom_id(raw: bytes) -> str | None:
     try:
         line = json.loads(raw)
     except ValueError:
         return None
-    return line.get("custom_id") if isinstance(line, dict) else None
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    return custom_id if isinstance(custom_id, str) else None

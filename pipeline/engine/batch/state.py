@@ -145,6 +145,15 @@ class BatchState:
         self.records[record.name] = record
         write_atomic(self.path(record.name, ".json"), json.dumps(dataclasses.asdict(record)).encode())
 
+    def live_shas(self) -> set[int]:
+        """Hashes of the sha256 of every image in a chunk not yet collected (from their index files)."""
+        found = set()
+        for record in self.open_records():
+            path = self.path(record.name, ".index.jsonl")
+            if path.exists():
+                found.update(key_hash(e.image["image_sha256"]) for e in read_index(path) if e.image.get("image_sha256"))
+        return found
+
     def open_records(self) -> list[ChunkRecord]:
         return [r for r in self.records.values() if r.state in OPEN_CHUNK_STATES]
 

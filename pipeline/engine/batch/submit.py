@@ -2,7 +2,11 @@
 
 An image is in at most one live chunk: new chunks take only images without an ok row, not in a
 chunk, not ended in this out folder's batches (a 400 is an error row, not retried here), or
-listed in a retry file. A chunk goes written → uploaded → submitted, each step recorded before
+listed in a retry file. Identical bytes are sent once, as online: an image whose sha256 this job
+already captioned gets a dedup row copying that answer at once; one whose sha256 is in a live chunk
+(this one or one still with the provider) is not sent and gets no row yet: the walk after that
+chunk is collected finds the original's row and copies it (or, if the original failed, sends the
+copy). Nothing about such copies is recorded, so a crash loses no decision. A chunk goes written → uploaded → submitted, each step recorded before
 the next. The one window a record cannot close, between "create batch" and writing its id, is
 closed by asking the provider for a batch with the chunk's metadata (job fingerprint, run id and
 chunk name) before any create, so a chunk is never submitted twice.
@@ -57,6 +61,7 @@ class Submitter:
     def __init__(self, run: BatchRun):
         self.run = run
         self._first_walk = True  # "already done" is counted on the first walk only
+        self._live_shas: set[int] = set()  # sha256 hashes of the images in live chunks, this walk
 
     async def submit(self, record: ChunkRecord) -> None:
         """written → uploaded → submitted, each step recorded before the next."""
@@ -102,8 +107,8 @@ class Submitter:
         run = self.run
         for item in run.source.items():
             hashed = key_hash(item.key)
-            if hashed in run.done:
-                run.summary.skipped += self._first_walk
+            if hashed in run.done:  # counted once, and only if done before this invocation
+                run.summary.skipped += self._first_walk and hashed in run.done_before
                 continue
             used = run.state.ledger.get(hashed)
             if used is None:
@@ -117,6 +122,7 @@ class Submitter:
         if run.source is None:
             return
         loop = asyncio.get_running_loop()
+        self._live_shas = run.state.live_shas()
         workers = run.captioner.job.limits.preprocess_workers or os.cpu_count() or 1
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="caption-image") as pool:
             items = encoded_items(run.captioner.prepare, self._pending(), pool)
@@ -135,6 +141,8 @@ class Submitter:
             run.record_row(run.captioner.error_row(item.key, {}, encoded, attempts=0))
             run.state.ledger[key_hash(item.key)] = 0
             return writer
+        if await self._copied(item, encoded):
+            return writer
         line = run.backend.request_line(item.key, encoded)
         if writer is not None and not writer.fits(line):
             await self.close_and_submit(writer)
@@ -144,9 +152,23 @@ class Submitter:
             run.state.records[writer.name] = ChunkRecord(writer.name, 0, 0, "writing")
         writer.add(line, IndexEntry(item.key, item.key, attempt, image_facts(encoded)))
         run.state.ledger[key_hash(item.key)] = -1
+        self._live_shas.add(key_hash(encoded.sha256))
         if writer.lines == 2:
             crash_point("writing")
         return writer
+
+    async def _copied(self, item: Item, encoded: Encoded) -> bool:
+        """True when these bytes are not to be sent: copied from this job's answer now (a dedup
+        row), or waiting for a live chunk that holds them (no row yet; a later walk copies it)."""
+        run = self.run
+        original = await run.dedupe.original_of(encoded.sha256)
+        if original is not None:
+            run.record_row(run.captioner.dedup_row(item.key, image_facts(encoded), original))
+            return True
+        if key_hash(encoded.sha256) in self._live_shas:
+            log.debug("%s: the same bytes are in a live chunk; copied once that chunk is collected", item.key)
+            return True
+        return False
 
     async def close_and_submit(self, writer: ChunkWriter) -> None:
         record = dataclasses.replace(writer.close(), job=self.run.captioner.job.fingerprint)

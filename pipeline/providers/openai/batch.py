@@ -24,6 +24,7 @@ import aiohttp
 from ...errors import CaptionError, FatalError, TransientError
 from ...records import ChatResult, Encoded
 from ..base import BatchInfo, LineResult
+from ..http import read_bounded
 from .chat import OpenAIProvider, parse_completion
 from .errors import classify_response
 
@@ -36,6 +37,7 @@ LIST_PAGE = 100  # batches per page when listing the provider's batches
 LIST_MAX_PAGES = 50  # listing stops after this many pages (5,000 batches)
 ENDED = ("completed", "failed", "expired", "cancelled")
 DOWNLOAD_BLOCK = 1 << 20
+MAX_CONTROL_BYTES = 16 * 2**20  # the most a Files/Batches answer may be (a page of 100 batches is ~100 KB)
 
 
 class OpenAIBatchBackend:
@@ -102,7 +104,8 @@ class OpenAIBatchBackend:
             async with self._session.get(f"{self._base}/files/{file_ref}/content", headers=self._headers,
                                          timeout=self._timeout) as response:
                 if response.status != 200:
-                    raise classify_response(response.status, response.headers, await response.read())
+                    body = await read_bounded(response, MAX_CONTROL_BYTES)
+                    raise classify_response(response.status, response.headers, body)
                 with open(dest, "wb") as handle:
                     async for block in response.content.iter_chunked(DOWNLOAD_BLOCK):
                         handle.write(block)
@@ -131,7 +134,7 @@ class OpenAIBatchBackend:
         try:
             async with self._session.request(method, self._base + path, headers=self._headers,
                                              timeout=self._timeout, **kwargs) as response:
-                body = await response.read()
+                body = await read_bounded(response, MAX_CONTROL_BYTES)
                 error = classify_response(response.status, response.headers, body)
                 if error is not None:
                     raise error

@@ -25,6 +25,7 @@ from ... import cost
 from ...errors import BadOutputError, BadRequestError, CaptionError, TransientError
 from ...job import Job
 from ...records import ChatResult, Encoded, RateInfo, Usage
+from ...redaction import keep_secret
 from ..base import HttpRequest
 from ..sse import SSEDecoder, SSEEvent
 from .errors import (
@@ -67,7 +68,10 @@ class OpenAIProvider:
         self._headers = {"Content-Type": "application/json", **headers}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._secrets = (api_key, *headers.values())  # redacted from whatever a server sends back
+        keep_secret(*self._secrets)
         self.token_param = "max_tokens"
+        self.streams_usage = False  # this run's server has sent a usage chunk at the end of a stream
         self.dropped: tuple[str, ...] = ()  # sampling parameters the server refused, never sent again
         self._image_formula = cost.image_formula(job.endpoint.model)  # for the TPM count before sending
 
@@ -85,7 +89,12 @@ class OpenAIProvider:
         return parse_completion(body, _request_id(headers))
 
     def stream_parser(self, headers: Mapping[str, str]) -> _StreamParser:
-        return _StreamParser(headers)
+        return _StreamParser(headers, self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in another process: that process must redact this run's secrets too."""
+        self.__dict__.update(state)
+        keep_secret(*self._secrets)
 
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> CaptionError | None:
         return classify_response(status, headers, body)
@@ -174,31 +183,63 @@ def _response_format(job: Job) -> dict[str, Any] | None:
 
 
 def parse_usage(raw: Any) -> Usage | None:
-    """Return a `Usage` from a response's `usage` object, or None when there is none."""
+    """Return a `Usage` from a response's `usage` object, or None when there is none or it is not believable.
+
+    Every count must be a whole number from 0 to MAX_TOKEN_COUNT (what the out folder's int32 columns
+    hold): a negative, fractional, boolean, NaN or absurd count (10**15) means the server's figures
+    cannot be trusted, so the whole usage counts as not reported (the row estimates it and says so).
+    """
     if not isinstance(raw, dict) or "prompt_tokens" not in raw:
         return None
-    prompt = _int(raw.get("prompt_tokens"))
-    completion = _int(raw.get("completion_tokens"))
-    total = _int(raw.get("total_tokens")) if raw.get("total_tokens") is not None else prompt + completion
     prompt_details = raw.get("prompt_tokens_details") or {}
     completion_details = raw.get("completion_tokens_details") or {}
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total,
-        cached_tokens=_int_or_none(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None),
-        reasoning_tokens=_int_or_none(
-            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
-        ),
-    )
+    counts = {
+        "prompt_tokens": _count(raw.get("prompt_tokens")),
+        "completion_tokens": _count(raw.get("completion_tokens", 0)),
+        "cached_tokens": _count(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None,
+                                optional=True),
+        "reasoning_tokens": _count(
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None,
+            optional=True),
+    }
+    total = raw.get("total_tokens")
+    counts["total_tokens"] = _count(total) if total is not None else \
+        _sum_or_bad(counts["prompt_tokens"], counts["completion_tokens"])
+    if any(value is _BAD for value in counts.values()):
+        log.debug("usage not believable, estimated instead: %.200r", raw)
+        return None
+    return Usage(**counts)
 
 
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+MAX_TOKEN_COUNT = 2**31 - 1  # the out folder's token columns are int32
+_BAD = object()  # a count that is not a count
 
 
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else _int(value)
+def _count(value: Any, *, optional: bool = False) -> Any:
+    """`value` as a token count, None when `optional` and absent, else _BAD (see `parse_usage`)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
+        return _BAD
+    return value
+
+
+def _sum_or_bad(*values: Any) -> Any:
+    if any(v is _BAD or v is None for v in values) or sum(values) > MAX_TOKEN_COUNT:
+        return _BAD
+    return sum(values)
+
+
+def _rejected(raw: Any) -> bool:
+    """True when `raw` is a usage object whose counts `parse_usage` does not believe."""
+    return isinstance(raw, dict) and "prompt_tokens" in raw and parse_usage(raw) is None
+
+
+def _text(value: Any) -> str | None:
+    """A string the server sent where a string belongs (an id, a model name); None for anything else."""
+    return value if isinstance(value, str) else None
 
 
 def _message_text(content: Any) -> str:
@@ -211,7 +252,7 @@ def _message_text(content: Any) -> str:
 
 
 def _checked_result(text: str, model: str, finish: str | None, usage: Usage | None, request_id: str | None,
-                    refusal: str = "") -> ChatResult:
+                    refusal: str = "", usage_rejected: bool = False) -> ChatResult:
     """The answer as a ChatResult, if it is one: no finish_reason or no text is a failure.
 
     Gateways such as one-api/new-api drop an upstream error and still end cleanly, so a clean end
@@ -223,11 +264,14 @@ def _checked_result(text: str, model: str, finish: str | None, usage: Usage | No
     if refusal.strip() and not text.strip():  # structured outputs: https://platform.openai.com/docs/guides/structured-outputs#refusals
         raise BadOutputError(f"the model refused: {refusal.strip()}", retryable=False, usage=usage,
                              finish_reason=finish, status=200, request_id=request_id)
-    if not text.strip():
-        hint = " (max_tokens too small for a reasoning model?)" if finish == "length" else ""
-        raise BadOutputError(f"empty caption, finish_reason={finish}{hint}", retryable=finish != "length",
-                             usage=usage, finish_reason=finish, status=200, request_id=request_id)
-    return ChatResult(text=text.strip(), model=model, finish_reason=finish, usage=usage, request_id=request_id)
+    if not text.strip() and finish == "length":
+        raise BadOutputError("empty caption, finish_reason=length (max_tokens too small for a reasoning model?)",
+                             retryable=False, usage=usage, finish_reason=finish, status=200, request_id=request_id)
+    if not text.strip():  # a gateway whose upstream dropped before the first token still says "stop"
+        raise TransientError(f"empty caption, finish_reason={finish} (an upstream may have dropped the answer)",
+                             status=200, request_id=request_id)
+    return ChatResult(text=text.strip(), model=model, finish_reason=finish, usage=usage, request_id=request_id,
+                      usage_rejected=usage_rejected and usage is None)
 
 
 def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
@@ -242,11 +286,12 @@ def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
     message = message if isinstance(message, dict) else {}
     return _checked_result(
         _message_text(message.get("content")),
-        str(data.get("model") or ""),
-        choice.get("finish_reason"),
+        _text(data.get("model")) or "",
+        _text(choice.get("finish_reason")),
         parse_usage(data.get("usage")),
-        request_id or data.get("id"),
+        request_id or _text(data.get("id")),
         refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else "",
+        usage_rejected=_rejected(data.get("usage")),
     )
 
 
@@ -261,6 +306,8 @@ class _StreamState:
     usage: Usage | None = None
     done: bool = False
     chunk_id: str | None = None
+    usage_chunk: bool = False  # a chunk carried `usage` (believable or not)
+    usage_rejected: bool = False  # one carried counts not worth believing
 
     def take(self, event: SSEEvent, headers: Mapping[str, str]) -> None:
         """Fold one event in; raise the typed error an error event means."""
@@ -276,9 +323,12 @@ class _StreamState:
         if chunk.get("error") or event.event == "error":
             error = classify_response(200, headers, chunk if chunk.get("error") else {"error": chunk})
             raise error or TransientError("error event in the stream", status=200)
-        self.model = chunk.get("model") or self.model
-        self.chunk_id = self.chunk_id or chunk.get("id")
-        self.usage = parse_usage(chunk.get("usage")) or self.usage
+        self.model = _text(chunk.get("model")) or self.model
+        self.chunk_id = self.chunk_id or _text(chunk.get("id"))
+        if chunk.get("usage") is not None:
+            self.usage_chunk = True
+            self.usage = parse_usage(chunk.get("usage")) or self.usage
+            self.usage_rejected = self.usage_rejected or _rejected(chunk.get("usage"))
         for choice in chunk.get("choices") or []:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 delta = choice.get("delta") or {}
@@ -286,23 +336,34 @@ class _StreamState:
                 self.parts.append(_message_text(delta.get("content")))
                 if isinstance(delta.get("refusal"), str):
                     self.refusal.append(delta["refusal"])
-                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                self.finish_reason = _text(choice.get("finish_reason")) or self.finish_reason
 
-    def result(self, request_id: str | None) -> ChatResult:
-        """The finished answer; a stream that did not end properly is a transient failure."""
+    def result(self, request_id: str | None, *, usage_expected: bool = False) -> ChatResult:
+        """The finished answer; a stream that did not end properly is a transient failure.
+
+        `usage_expected`: this server ended every earlier stream of the run with a usage chunk, so
+        a stream without one was most likely cut upstream and ended "cleanly" by a gateway (LiteLLM
+        says `finish_reason: "stop"`, then `[DONE]`).
+        """
         if not self.done:
             raise TransientError("stream ended without [DONE]", status=200, request_id=request_id)
+        if usage_expected and not self.usage_chunk:
+            raise TransientError("stream ended without the usage chunk this server sent on earlier streams "
+                                 "(a gateway may have ended a dropped upstream cleanly)", status=200,
+                                 request_id=request_id or self.chunk_id)
         return _checked_result("".join(self.parts), self.model, self.finish_reason, self.usage,
-                               request_id or self.chunk_id, refusal="".join(self.refusal))
+                               request_id or self.chunk_id, refusal="".join(self.refusal),
+                               usage_rejected=self.usage_rejected)
 
 
 class _StreamParser:
     """`StreamParser` for chat.completion.chunk events (SSE), ending in `data: [DONE]`."""
 
-    def __init__(self, headers: Mapping[str, str]):
+    def __init__(self, headers: Mapping[str, str], provider: OpenAIProvider | None = None):
         self._headers = headers
         self._decoder = SSEDecoder()
         self._state = _StreamState()
+        self._provider = provider  # remembers, for the run, whether this server sends usage chunks
 
     def feed(self, chunk: bytes) -> None:
         for event in self._decoder.feed(chunk):
@@ -311,4 +372,10 @@ class _StreamParser:
     def result(self) -> ChatResult:
         for event in self._decoder.finish():
             self._state.take(event, self._headers)
-        return self._state.result(_request_id(self._headers))
+        provider = self._provider
+        expected = provider is not None and provider.streams_usage
+        result = self._state.result(_request_id(self._headers), usage_expected=expected)
+        if provider is not None and self._state.usage_chunk and not provider.streams_usage:
+            provider.streams_usage = True
+            log.debug("this server ends its streams with a usage chunk; a stream without one is retried")
+        return result

@@ -30,6 +30,7 @@ from ...errors import (
     TransientError,
 )
 from ...records import RateInfo
+from ...redaction import redact
 
 __all__ = ["QUOTA_CODES", "classify_response", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
            "unsupported_parameter", "wants_max_completion_tokens"]
@@ -189,7 +190,7 @@ def _error_text(error: Any, body: bytes | dict | None, status: int) -> tuple[str
     if isinstance(error, str):
         return error, ""
     if isinstance(body, bytes) and body:
-        text = body.decode("utf-8", errors="replace")
+        text = redact(body.decode("utf-8", errors="replace"))  # before the cut below: a cut key is still a key
         if "<html" in text.lower():
             title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
             text = f"HTML error page: {title.group(1).strip() if title else text[:80]}"
