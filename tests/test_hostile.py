@@ -294,3 +294,20 @@ def test_answers_under_min_chars_are_asked_again_then_kept_and_flagged(hostile, 
     short_row = rows["a_short.jpg"]  # walked first: three short answers, the last one kept and flagged
     assert (short_row["status"], short_row["caption"], short_row["attempts"]) == ("ok", "Close", 3)
     assert short_row["flags"] == ["under_min_chars"]
+
+
+# --- item 18: an HTML page answered with status 200 -------------------------------------------------
+
+
+async def html_with_200(request: web.Request, n: int) -> web.Response:
+    page = "<html><head><title>Login required | Corporate proxy</title></head><body>" + "x" * 5000 + "</body></html>"
+    return web.Response(text=page, content_type="text/html")
+
+
+def test_an_html_page_with_status_200_is_an_error_naming_the_page(hostile, run, one_image, tmp_path):
+    hostile.handler = html_with_200
+    ran = run(one_image, limits_max_attempts=1)
+    assert ran.code == 1
+    (row,) = read_rows(tmp_path / "out")
+    assert row["error_kind"] == "transient"
+    assert row["error"] == "HTTP 200: answer is not a chat completion (HTML error page: Login required | Corporate proxy)"

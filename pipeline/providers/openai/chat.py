@@ -30,6 +30,7 @@ from ..base import HttpRequest
 from ..sse import SSEDecoder, SSEEvent
 from .errors import (
     classify_response,
+    describe_body,
     loads_or_none,
     parse_rate_info,
     unsupported_parameter,
@@ -279,8 +280,8 @@ def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
     data = loads_or_none(body)
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise TransientError("answer is not a chat completion (malformed JSON or no choices)", status=200,
-                             request_id=request_id)
+        what = "JSON without choices" if data is not None else describe_body(body)
+        raise TransientError(f"answer is not a chat completion ({what})", status=200, request_id=request_id)
     choice = choices[0]
     message = choice.get("message") or {}
     message = message if isinstance(message, dict) else {}

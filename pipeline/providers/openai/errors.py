@@ -32,7 +32,7 @@ from ...errors import (
 from ...records import RateInfo
 from ...redaction import redact
 
-__all__ = ["QUOTA_CODES", "classify_response", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
+__all__ = ["QUOTA_CODES", "classify_response", "describe_body", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
            "unsupported_parameter", "wants_max_completion_tokens"]
 
 QUOTA_CODES = frozenset(
@@ -221,3 +221,9 @@ def unsupported_parameter(err: CaptionError) -> str | None:
     this model", "Unsupported value: 'temperature' does not support 0.2 ..."), or None."""
     found = _UNSUPPORTED.search(err.message)
     return found.group(1).lower() if found else None
+
+
+def describe_body(body: bytes) -> str:
+    """A short, redacted description of an answer that is not what was asked for: an HTML page's
+    title, or the text itself (errors cut it to their length limit)."""
+    return _error_text(None, body[:65_536], 200)[0] if body else "an empty body"
