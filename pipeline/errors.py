@@ -8,7 +8,7 @@ message; never the payload, image bytes or request headers (an API key lives in 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .redaction import redact
 
@@ -51,14 +51,31 @@ class CaptionError(Exception):
 
 
 class RateLimitError(CaptionError):
-    """429 that will pass: wait (all workers together) and try again."""
+    """429 that will pass: wait (all workers together) and try again.
+
+    Carries what the 429 said about its cause, so the limiter can tell a rate bucket from a cap
+    on requests in flight: the window a message names ("tokens per min (TPM)", "requests per
+    second"), the bucket it names and its limit, and whether a header said a bucket is empty. A
+    429 that says none of these (a relay's "Too many concurrent requests") is `explained=False`.
+    """
 
     kind = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, hinted: bool = False, **kw):
+    def __init__(self, message: str, *, retry_after_s: float | None = None,
+                 window: Literal["second", "minute", "day"] | None = None,
+                 bucket: Literal["requests", "tokens"] | None = None, limit: int | None = None,
+                 exhausted: bool = False, **kw):
         super().__init__(message, **kw)
         self.retry_after_s = retry_after_s  # what the server asked for, None when it did not say
-        self.hinted = hinted  # the 429 carried rate-limit headers (False: a bare 429, e.g. a relay's cap)
+        self.window = window  # the rate window the message names, None when it names none
+        self.bucket = bucket  # what that window counts, None when not said
+        self.limit = limit  # the limit the message names (per window), None when not said
+        self.exhausted = exhausted  # an x-ratelimit-remaining-* header said 0
+
+    @property
+    def explained(self) -> bool:
+        """True when a rate bucket explains this 429 (a named window, or a bucket with nothing left)."""
+        return self.window is not None or self.exhausted
 
 
 class TransientError(CaptionError):

@@ -92,6 +92,8 @@ class Limits:
     concurrency: int = 16  # requests in flight at most
     rpm: int | None = None  # requests per minute; None: learned from x-ratelimit-limit-requests
     tpm: int | None = None  # tokens per minute; None: learned from x-ratelimit-limit-tokens
+    rps: int | None = None  # requests per second (Together, relays); None: learned from a 429 naming it
+    tps: int | None = None  # tokens per second; likewise
     max_attempts: int = 5  # per image, first try included
     timeout_s: float = 120.0  # one whole request
     idle_timeout_s: float = 60.0  # longest silence between two stream chunks
@@ -317,6 +319,8 @@ _RANGES: list[tuple[str, float, float]] = [
     ("limits.concurrency", 1, 10_000),
     ("limits.rpm", 1, 100_000_000),
     ("limits.tpm", 1, 10_000_000_000),
+    ("limits.rps", 1, 10_000_000),
+    ("limits.tps", 1, 1_000_000_000),
     ("limits.max_attempts", 1, 100),
     ("limits.timeout_s", 0.001, 86_400),
     ("limits.idle_timeout_s", 0.001, 86_400),

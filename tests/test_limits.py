@@ -6,6 +6,7 @@ the Limiter that composes them, with the real clock and an event loop."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
@@ -16,10 +17,13 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.engine.limits import (
+    CALIBRATION_MIN_SAMPLES,
     DECREASE_FACTOR,
     INITIAL_CONCURRENCY,
     JITTER_FRACTION,
     MAX_JITTER_S,
+    MAX_USED_TOKENS,
+    MIN_RATIO,
     PROBE_ROUNDS,
     AdaptiveConcurrency,
     Limiter,
@@ -27,9 +31,22 @@ from pipeline.engine.limits import (
     Permit,
     RateBudget,
     TokenBucket,
+    TokenCalibration,
 )
-from pipeline.providers.openai.errors import parse_rate_info
+from pipeline.errors import RateLimitError
+from pipeline.providers.openai.errors import classify_response, parse_rate_info, parse_rate_window, request_id_of
 from pipeline.records import RateInfo
+
+
+def _tpm_429(retry_after_s: float | None) -> RateLimitError:
+    """A 429 a tokens-per-minute bucket explains, with the server's wait."""
+    return RateLimitError("Rate limit reached on tokens per min (TPM)", retry_after_s=retry_after_s,
+                          window="minute", bucket="tokens", status=429)
+
+
+def _cap_429(retry_after_s: float | None = None) -> RateLimitError:
+    """A 429 nothing explains: a relay's cap on requests in flight."""
+    return RateLimitError("Too many concurrent requests", retry_after_s=retry_after_s, status=429)
 
 
 def test_bucket_refills_continuously_up_to_capacity():
@@ -101,7 +118,7 @@ def test_one_429_pauses_every_waiter_until_the_named_time():
     async def scenario():
         limiter = Limiter(8, seed=1)
         first = await limiter.acquire(1)
-        limiter.on_rate_limited(first, 0.3, hinted=True)
+        limiter.on_rate_limited(first, _tpm_429(0.3))
         limiter.release(first)
         started = time.monotonic()
         permits = await asyncio.gather(*(limiter.acquire(1) for _ in range(4)))
@@ -126,7 +143,7 @@ def test_slow_start_doubles_then_a_bare_429_sets_the_limit_to_what_the_server_he
         held = [await limiter.acquire(1) for _ in range(8)]  # the server holds these...
         refused = [await limiter.acquire(1) for _ in range(8)]  # ...and refuses these with a bare 429
         for permit in refused:
-            limiter.on_rate_limited(permit, None, hinted=False)
+            limiter.on_rate_limited(permit, _cap_429())
             limiter.release(permit)
         assert limiter.limit == 8  # not 16 * 0.9 ** 8: one event, one decrease
         for permit in held:
@@ -381,32 +398,32 @@ def _bare_429_setup(held: int) -> tuple[AdaptiveConcurrency, list[Permit], list[
 def test_a_bare_429_lowers_the_limit_to_what_the_server_held(held, expected):
     concurrency, _, refused = _bare_429_setup(held)
     assert concurrency.limit == 16
-    concurrency.on_bare_429(refused[0], now=12.0)
+    concurrency.on_concurrency_429(refused[0], now=12.0)
     assert concurrency.limit == expected == max(1, min(held or 99, math.floor(16 * DECREASE_FACTOR)))
 
 
 def test_a_burst_of_bare_429s_is_one_decrease():
     concurrency, _, refused = _bare_429_setup(held=8)
     for i, permit in enumerate(refused):  # all sent before the first 429 was seen: one event
-        concurrency.on_bare_429(permit, now=12.0 + i)
+        concurrency.on_concurrency_429(permit, now=12.0 + i)
         concurrency.release(permit)
     assert concurrency.limit == 8  # not 16 × 0.9 ** 8
     later = concurrency.admit(1, 30.0)  # sent after the decrease: a new event, cut again
-    concurrency.on_bare_429(later, now=31.0)
+    concurrency.on_concurrency_429(later, now=31.0)
     assert concurrency.limit == math.floor(8 * DECREASE_FACTOR)
 
 
 def test_a_bare_429_never_lowers_the_limit_below_one():
     concurrency = AdaptiveConcurrency(1)
     permit = concurrency.admit(1, 1.0)
-    concurrency.on_bare_429(permit, now=2.0)
+    concurrency.on_concurrency_429(permit, now=2.0)
     assert concurrency.limit == 1
 
 
 @pytest.mark.parametrize("held", [1, 3, 8])
 def test_after_a_decrease_the_limit_grows_by_one_per_probe_rounds_round_trips(held):
     concurrency, holding, refused = _bare_429_setup(held)
-    concurrency.on_bare_429(refused[0], now=12.0)
+    concurrency.on_concurrency_429(refused[0], now=12.0)
     for permit in refused + holding:
         concurrency.release(permit)
     assert concurrency.limit == held and concurrency.count == 0
@@ -454,6 +471,12 @@ class _RecordingBudget(RateBudget):
     def pause(self, wait_s, why, now):
         self.calls.append(("pause", wait_s))
 
+    def has_room(self, now):
+        return True
+
+    def learn_limit(self, bucket, window_s, limit, now):
+        self.calls.append(("learn", bucket, window_s, limit))
+
 
 def test_the_limiter_uses_an_injected_budget():
     async def scenario():
@@ -463,7 +486,7 @@ def test_the_limiter_uses_an_injected_budget():
         permit = await limiter.acquire(1000)
         info = RateInfo(limit_requests=600)
         limiter.observe(info)
-        limiter.on_rate_limited(permit, 2.5, hinted=True)
+        limiter.on_rate_limited(permit, _tpm_429(2.5))
         limiter.release(permit, used_tokens=400)
         other = await limiter.acquire(10)
         limiter.release(other)
@@ -480,13 +503,270 @@ def test_limiter_backoff_pauses_after_bare_strikes_and_a_success_resets_them():
         limiter = Limiter(8, backoff_base_s=1.0, seed=3, budget=budget)
         permits = [await limiter.acquire(1) for _ in range(4)]
         for permit in permits[1:]:
-            limiter.on_rate_limited(permit, None, hinted=False)
+            limiter.on_rate_limited(permit, _cap_429())
         pauses = [call[1] for call in budget.calls if call[0] == "pause"]
         assert len(pauses) == 1 and 2.0 <= pauses[0] <= 4.0  # the 3rd strike: base × 2 ** 2 × [0.5, 1]
         limiter.on_success()
-        limiter.on_rate_limited(permits[0], None, hinted=True)  # a hinted 429 backs off from strike 1
+        limiter.on_rate_limited(permits[0], _tpm_429(None))  # an explained 429 backs off from strike 1
         pauses = [call[1] for call in budget.calls if call[0] == "pause"]
         assert len(pauses) == 2 and 0.5 <= pauses[1] <= 1.0
         assert limiter.limit == 1  # the first bare 429 had one older request in flight
 
     asyncio.run(scenario())
+
+
+# -- Which 429s are a concurrency cap: the answer as classified, then what the limiter did -----------
+
+OPENAI_TPM = ("Rate limit reached for gpt-4o-mini in organization org-x on tokens per min (TPM): Limit 30000, "
+              "Used 29000, Requested 1500. Please try again in 20ms.")
+
+
+def _answer_429(message: str | None, headers: dict[str, str]) -> RateLimitError:
+    body = json.dumps({"error": {"message": message, "type": "requests", "code": "rate_limit_exceeded"}}).encode()
+    err = classify_response(429, headers, body if message is not None else b"")
+    assert isinstance(err, RateLimitError)
+    return err
+
+
+@pytest.mark.parametrize(
+    "message, headers, tpm_left, lowered, pause_s",
+    [
+        ("Too many concurrent requests", {"retry-after": "1", "retry-after-ms": "250"}, None, True, 0.25),
+        (None, {}, None, True, 0.0),  # bare: no body, no headers
+        ("concurrency limit exceeded, please retry later", {"x-ratelimit-limit-requests": "500"}, None, True, 0.0),
+        ("Too many concurrent requests", {"retry-after": "2"}, 30_000, True, 2.0),  # the budget has room
+        ("Too many requests", {"retry-after": "2"}, 0, False, 2.0),  # our own TPM bucket is empty: a rate
+        (OPENAI_TPM, {}, None, False, 0.02),  # the wait is only in the message, the window names TPM
+        (OPENAI_TPM, {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1s"}, None, False, 1.0),
+        ("Slow down", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}, None, False, 0.5),
+        ("This request would exceed the rate limit for your organization of 50 requests per minute", {}, None,
+         False, None),
+        ("Rate limit reached for m on requests per second (RPS): Limit 5, Used 5, Requested 1.", {}, None, False,
+         None),
+    ],
+    ids=["relay-retry-after", "bare", "headers-but-no-cause", "relay-with-room", "own-bucket-empty",
+         "tpm-message-20ms", "tokens-remaining-0", "requests-remaining-0", "anthropic-per-minute", "per-second"],
+)
+def test_which_429s_lower_the_in_flight_limit(message, headers, tpm_left, lowered, pause_s):
+    async def scenario():
+        limiter = Limiter(64, tpm=30_000 if tpm_left is not None else None, seed=0)
+        held = [await limiter.acquire(100) for _ in range(4)]
+        refused = await limiter.acquire(100)
+        if tpm_left is not None:
+            limiter.tokens.level = tpm_left
+        before = limiter.limit
+        limiter.on_rate_limited(refused, _answer_429(message, headers))
+        assert (limiter.limit == len(held)) is lowered and (limiter.limit == before) is not lowered
+        pause = limiter.budget.pause_s(time.monotonic())
+        if pause_s is not None:  # None: a backoff of random length
+            assert pause == pytest.approx(pause_s, abs=0.05)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        (OPENAI_TPM, ("minute", "tokens", 30000)),
+        ("Rate limit reached for gpt-4o on requests per min (RPM): Limit 500, Used 500, Requested 1.",
+         ("minute", "requests", 500)),
+        ("rate limit of 1,000,000 tokens per minute exceeded; limit of 1,000,000", ("minute", "tokens", 1_000_000)),
+        ("You have exceeded 600 RPM", ("minute", "requests", None)),
+        ("Too many requests: 10 TPS allowed. Limit: 10", ("second", "tokens", 10)),
+        ("requests per second (RPS): Limit 0", ("second", "requests", None)),  # a 0 limit is not believed
+        ("Limit 99999999999999 requests per day", ("day", "requests", None)),  # neither is a huge one
+        ("Too many concurrent requests", (None, None, None)),
+        ("Please try again in 20ms", (None, None, None)),
+        ("rpm exceeded", (None, None, None)),  # lower case is a word, not the abbreviation
+    ],
+    ids=["openai-tpm", "openai-rpm", "commas", "short-rpm", "tps", "zero", "huge", "concurrent", "wait-only",
+         "lower-case"],
+)
+def test_parse_rate_window(message, expected):
+    assert parse_rate_window(message) == expected
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({"x-request-id": "req_1", "llm_provider-x-request-id": "req_up"}, "req_1"),
+        ({"llm_provider-x-request-id": "req_up"}, "req_up"),  # LiteLLM renames the upstream's
+        ({"request-id": "req_a"}, "req_a"),
+        ({}, None),
+    ],
+    ids=["own", "litellm", "anthropic-style", "none"],
+)
+def test_request_id_is_read_from_gateway_headers(headers, expected):
+    assert request_id_of(headers) == expected
+    err = classify_response(500, headers, b'{"error": {"message": "boom"}}')
+    assert err.request_id == expected
+
+
+def test_a_429_naming_a_per_second_limit_teaches_it():
+    async def scenario():
+        limiter = Limiter(16, seed=0)
+        permit = await limiter.acquire(100)
+        limiter.on_rate_limited(permit, _answer_429("on tokens per second (TPS): Limit 900, Used 900", {}))
+        assert limiter.budget.tokens_per_s.capacity == 900 and limiter.limit == INITIAL_CONCURRENCY
+        sent = [await limiter.acquire(100) for _ in range(3)]  # the bucket started empty: these waited
+        unnamed = await limiter.acquire(1)
+        limiter.on_rate_limited(unnamed, _answer_429("Too many requests per second", {}))
+        assert limiter.budget.requests_per_s.capacity == len(sent) + 1  # what went in the second before it
+
+    asyncio.run(scenario())
+
+
+# -- Per-second buckets and waking: arithmetic, and a waiter that a release lets go at once -----------
+
+
+def test_per_second_buckets_refill_per_second():
+    budget = LocalRateBudget(rps=2, tps=1000, now=0.0)
+    assert budget.try_take(400, 0.0) == 0.0 and budget.try_take(400, 0.0) == 0.0
+    assert budget.wait_s(400, 0.0) == pytest.approx(0.5)  # the third request: RPS 2 refills one in 0.5 s
+    assert budget.wait_s(400, 0.5) == pytest.approx(0.0) and not budget.has_room(0.0)
+    assert budget.tokens_per_s.wait_s(1000, 0.5) == pytest.approx(0.3)  # 200 left + 500 refilled of 1000
+
+
+def test_a_waiter_wakes_when_a_settled_request_hands_back_its_tokens():
+    async def scenario():
+        limiter = Limiter(8, tpm=6000)  # 100 tokens/s
+        first = await limiter.acquire(6000)
+        waiter = asyncio.create_task(limiter.acquire(1000))  # 10 s of refill away
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        limiter.release(first, used_tokens=500)  # 5,500 back: it fits now
+        second = await asyncio.wait_for(waiter, 5)  # not after the 10 s it computed
+        limiter.release(second)
+
+    asyncio.run(scenario())
+
+
+# -- Calibration: the server's own count --------------------------------------------------------------
+
+
+def test_calibration_converges_to_the_servers_count():
+    calibration = TokenCalibration()
+    estimate, fixed = 2833 + 5667 * 4 + 110, 110  # gpt-4o-mini's formula, 4 tiles; text 10 + max_tokens 100
+    server = 85 + 170 * 4 + 110  # the same image by the gpt-4o tile rule
+    assert calibration.reserve("m", estimate, fixed) == estimate  # nothing known: the formula
+    calibration.observe("m", estimate, fixed, server)
+    assert calibration.reserve("m", estimate, fixed) == estimate  # one answer may not lower it
+    for _ in range(CALIBRATION_MIN_SAMPLES):
+        calibration.observe("m", estimate, fixed, server)
+    assert calibration.reserve("m", estimate, fixed) == pytest.approx(server, abs=1)
+    assert calibration.reserve("m", 2833 + 5667 + 110, fixed) == pytest.approx(85 + 170 + 110, abs=1)
+    assert calibration.reserve("other", estimate, fixed) == estimate  # per model
+
+
+def test_calibration_follows_a_server_that_counts_more_at_once():
+    calibration = TokenCalibration()
+    calibration.observe("m", 1000, 200, 1800)  # the image part counted twice
+    assert calibration.ratio("m") == pytest.approx(2.0) and calibration.reserve("m", 1000, 200) == 1800
+
+
+@pytest.mark.parametrize(
+    "samples, expected_ratio",
+    [
+        ([0.5] * 10 + [50.0] * 3, 0.5),  # a few odd answers do not move it
+        ([0.5] * 10 + [0.0] * 3, 0.5),
+        ([2.0] * 5 + [1.0] * 6, 1.0),  # a changed count wins once it is the majority
+    ],
+    ids=["high-outliers", "zero-outliers", "majority"],
+)
+def test_calibration_ignores_outliers(samples, expected_ratio):
+    calibration = TokenCalibration()
+    for ratio in samples:
+        calibration.observe("m", 1100, 100, 100 + round(1000 * ratio))
+    assert calibration.ratio("m") == pytest.approx(expected_ratio)
+
+
+@pytest.mark.parametrize(
+    "used",
+    [-5, MAX_USED_TOKENS + 1, True, 3.5, None],
+    ids=["negative", "huge", "bool", "float", "none"],
+)
+def test_calibration_ignores_counts_it_cannot_believe(used):
+    calibration = TokenCalibration()
+    calibration.observe("m", 1100, 100, used)
+    assert calibration.ratio("m") == 1.0
+
+
+def test_a_reservation_is_never_below_text_and_max_tokens():
+    calibration = TokenCalibration()
+    for _ in range(10):
+        calibration.observe("m", 5000, 300, 0)  # a server that counts nothing
+    assert calibration.ratio("m") == MIN_RATIO
+    assert calibration.reserve("m", 5000, 300) >= 300
+    assert calibration.reserve("m", 200, 300) == 200  # an estimate below its own fixed part stays as it is
+
+
+# -- Over loopback: one per scenario; the share of 429s and that nothing idles -----------------------
+
+
+def _copies(tmp_path: Path, count: int) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = Path(__file__).parent.parent / "sample_data" / "coffee_cup.jpg"
+    for i in range(count):
+        (folder / f"{i:02d}.jpg").write_bytes(source.read_bytes() + f"copy {i}".encode())  # distinct: no dedupe
+    return folder
+
+
+def _run(server, tmp_path, capsys, count: int, *flags: str) -> list:
+    code = main(["run", str(_copies(tmp_path, count)), "--job", str(Path(__file__).parent.parent / "jobs" / "demo.toml"),
+                 "--out", str(tmp_path / "out"), "--base-url", server.base_url, "--no-progress",
+                 "--max-attempts", "20", *flags])
+    assert code == 0, capsys.readouterr().err
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(rows) == count and all(r["status"] == "ok" for r in rows)
+    return server.observed()
+
+
+def _share_429(seen) -> float:
+    return sum(o.status == 429 for o in seen) / len(seen)
+
+
+def _longest_gap_s(seen) -> float:
+    return max(b.t - a.t for a, b in zip(seen, seen[1:]))
+
+
+def test_a_relay_cap_answered_with_retry_after_is_found_over_loopback(server, tmp_path, capsys):
+    server.set_latency(0.1)
+    server.rate_limit(concurrency=4, headers=False, concurrency_retry_after_s=0.05)
+    seen = _run(server, tmp_path, capsys, 60, "--concurrency", "32")
+    assert any(o.fault == "concurrency" for o in seen), "the server never refused: the cap was not tested"
+    assert _share_429(seen) <= 0.2  # the first burst over the cap and a probe; not every other request
+
+
+def test_tpm_reservations_follow_a_server_that_counts_less_over_loopback(server, tmp_path, capsys):
+    tpm, max_tokens = 70_000, 20
+    # drained at the start; the server counts gpt-4o-mini's images as 85 (the tile rule), not 2,833
+    server.rate_limit(tpm=tpm, start_empty=True)
+    seen = _run(server, tmp_path, capsys, 30, "--model", "gpt-4o-mini", "--max-tokens", str(max_tokens),
+                "--concurrency", "16")
+    formula_refill_s = (2833 + max_tokens) / (tpm / 60)  # what one uncalibrated reservation waits for
+    assert _share_429(seen) <= 0.25  # at most the first slow-start burst into the drained bucket
+    assert _longest_gap_s(seen) < 0.5 * formula_refill_s  # nobody slept out a formula-sized reservation
+
+
+def test_tpm_reservations_follow_a_server_that_counts_more_over_loopback(server, tmp_path, capsys):
+    server.set_latency(0.05)
+    server.set_image_token_scale(4.0)  # 340 tokens a low-detail image where the formula says 85
+    server.rate_limit(tpm=240_000, start_empty=True)
+    seen = _run(server, tmp_path, capsys, 60, "--max-tokens", "20", "--concurrency", "32")
+    assert _share_429(seen) <= 0.15  # the first burst into the drained bucket, then paced
+
+
+def test_a_per_second_limit_named_by_a_429_is_learned_over_loopback(server, tmp_path, capsys):
+    server.rate_limit(rps=10)
+    seen = _run(server, tmp_path, capsys, 40, "--concurrency", "16")
+    assert any(o.fault == "rps" for o in seen), "the server never refused: the limit was not tested"
+    assert _share_429(seen) <= 0.2
+
+
+def test_an_empty_rpm_bucket_is_met_by_the_slow_start_not_a_burst(server, tmp_path, capsys):
+    server.set_latency(0.05)
+    server.rate_limit(rpm=600, start_empty=True)  # another client just used it: 10 a second from now on
+    seen = _run(server, tmp_path, capsys, 30, "--concurrency", "64")
+    # the bucket holds about what refilled while caption started (~1 s: 10 requests), far below 64
+    assert sum(o.status == 429 for o in seen) <= INITIAL_CONCURRENCY // 2  # not a burst of 64 into it

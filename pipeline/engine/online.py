@@ -37,6 +37,7 @@ import tqdm
 from tenacity import RetryCallState
 
 from .. import cost
+from .. import cost
 from ..errors import BadImageError, FatalError, InternalError, JobError, RateLimitError
 from ..job import Job, job_summary
 from .limits import Limiter
@@ -101,8 +102,8 @@ class _Run:
         self.summary = RunSummary(out=store.out)
         limits = job.limits
         self.policy = RetryPolicy.of(limits)
-        self.limiter = Limiter(limits.concurrency, rpm=limits.rpm, tpm=limits.tpm, backoff_base_s=limits.retry_base_s,
-                               max_pause_s=limits.retry_max_s)
+        self.limiter = Limiter(limits.concurrency, rpm=limits.rpm, tpm=limits.tpm, rps=limits.rps, tps=limits.tps,
+                               backoff_base_s=limits.retry_base_s, max_pause_s=limits.retry_max_s)
         self.image_workers = limits.preprocess_workers or os.cpu_count() or 1
         self.sources: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
         self.encoded: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
@@ -282,7 +283,11 @@ class _Gate:
 
     def __init__(self, captioner: Captioner, limiter: Limiter, stop: asyncio.Event, summary: RunSummary):
         self.provider = captioner.provider
-        self.max_tokens = captioner.job.prompt.max_tokens
+        prompt = captioner.job.prompt
+        self.max_tokens = prompt.max_tokens
+        self.model = captioner.job.endpoint.model
+        # the part of a request's token estimate that is not the image: never calibrated away
+        self.fixed_tokens = cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
         self.limiter = limiter
         self.stop = stop
         self.summary = summary
@@ -290,6 +295,9 @@ class _Gate:
 
     async def send(self, request: HttpRequest, tokens: int) -> ChatResult:
         """One request through the limiter's gates; its slot is freed before any retry wait.
+
+        `tokens` is the provider's estimate; the limiter reserves it as calibrated against the
+        prompt tokens the server reports, which settle the reservation.
 
         Raises _Stopped, sending nothing, when the run is stopping (Ctrl-C, a fatal error) before
         or while this request waits for its turn.
@@ -301,7 +309,7 @@ class _Gate:
             if chat.usage is not None and chat.usage.source == "reported":
                 used = chat.usage.prompt_tokens + self.max_tokens
         except RateLimitError as err:
-            self.limiter.on_rate_limited(permit, err.retry_after_s, hinted=err.hinted)
+            self.limiter.on_rate_limited(permit, err)
             raise
         finally:
             self.limiter.release(permit, used_tokens=used)
@@ -311,7 +319,7 @@ class _Gate:
     async def _acquire_unless_stopped(self, tokens: int):
         if self.stop.is_set():
             raise _Stopped
-        acquire = asyncio.ensure_future(self.limiter.acquire(tokens))
+        acquire = asyncio.ensure_future(self.limiter.acquire(tokens, fixed_tokens=self.fixed_tokens, model=self.model))
         stopping = asyncio.ensure_future(self.stop.wait())
         try:
             await asyncio.wait([acquire, stopping], return_when=asyncio.FIRST_COMPLETED)

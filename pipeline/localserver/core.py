@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from .limits import FAULTS, Limits, Verdict
+from .limits import FAULTS, Limits, LimitSettings, Verdict, concurrency_rejection
 from .wire import error_body, json_response
 
 MAX_OBSERVED = 200_000  # observations kept; older ones fall off so a benchmark stays flat in memory
@@ -60,15 +60,18 @@ class Observed:
 class Core:
     """Shared state and behaviour controls; see the module docstring for who may call what."""
 
-    def __init__(self, *, latency_s: float, latency_sigma: float, api_key: str | None, seed: int):
+    def __init__(self, *, latency_s: float, latency_sigma: float, api_key: str | None, seed: int,
+                 image_token_scale: float = 1.0):
         check_latency(latency_s, latency_sigma)
+        check_scale(image_token_scale)
         self.api_key = api_key
-        self._defaults = (latency_s, latency_sigma, seed)
+        self._defaults = (latency_s, latency_sigma, seed, image_token_scale)
         self.lock = threading.Lock()  # guards the fields below, in_flight and the protocols' state
         self._latency = (latency_s, latency_sigma)
         self.rng = random.Random(seed)  # latency draws, and whatever protocols shuffle
         self._faults: deque[tuple[str, float | None]] = deque()
         self._limits: Limits | None = None
+        self._image_token_scale = image_token_scale  # image tokens are counted at this multiple of the tile rule
         self._observed: deque[Observed] = deque(maxlen=MAX_OBSERVED)
         self._reset_hooks: list[Callable[[], None]] = []
         # loop-thread state: touched only by the server thread once it runs
@@ -91,28 +94,37 @@ class Core:
         with self.lock:
             self._faults.extend([(fault, retry_after_s)] * times)
 
-    def rate_limit(self, *, rpm: int | None, tpm: int | None, concurrency: int | None, headers: bool,
-                   penalty_s: float) -> None:
-        for name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
+    def rate_limit(self, settings: LimitSettings) -> None:
+        for name in ("rpm", "tpm", "concurrency", "rps", "tps"):
+            value = getattr(settings, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1 or None, not {value!r}")
-        if penalty_s < 0:
-            raise ValueError(f"penalty_s must be >= 0, not {penalty_s}")
+        if settings.penalty_s < 0:
+            raise ValueError(f"penalty_s must be >= 0, not {settings.penalty_s}")
+        wait = settings.concurrency_retry_after_s
+        if wait is not None and not 0 <= wait <= 3600:
+            raise ValueError(f"concurrency_retry_after_s must be between 0 and 3600 s, not {wait}")
         limits = None
-        if rpm or tpm or concurrency:
-            limits = Limits(rpm, tpm, concurrency, headers, penalty_s, time.monotonic())
+        if settings.rpm or settings.tpm or settings.concurrency or settings.rps or settings.tps:
+            limits = Limits(settings, time.monotonic())
         with self.lock:
             self._limits = limits
+
+    def set_image_token_scale(self, scale: float) -> None:
+        check_scale(scale)
+        with self.lock:
+            self._image_token_scale = scale
 
     def on_reset(self, hook: Callable[[], None]) -> None:
         """Have `reset` call `hook` too, with the lock held (so the hook must not take it)."""
         self._reset_hooks.append(hook)
 
     def reset(self) -> None:
-        latency_s, latency_sigma, seed = self._defaults
+        latency_s, latency_sigma, seed, image_token_scale = self._defaults
         with self.lock:
             self._faults.clear()
             self._limits = None
+            self._image_token_scale = image_token_scale
             self._latency = (latency_s, latency_sigma)
             self.rng = random.Random(seed)
             self._observed.clear()
@@ -147,6 +159,18 @@ class Core:
             self.in_flight += 1
             return True
 
+    def concurrency_refusal(self, request_id: str) -> web.Response:
+        """The 429 for a request over the concurrency cap (with retry-after if the limits say one)."""
+        with self.lock:
+            wait = self._limits.concurrency_retry_after_s if self._limits is not None else None
+        return concurrency_rejection(request_id, wait)
+
+    def count_image_tokens(self, tokens: int) -> int:
+        """The image tokens this server counts for images the tile rule puts at `tokens`."""
+        with self.lock:
+            scale = self._image_token_scale
+        return tokens if scale == 1.0 else round(tokens * scale)
+
     def admit(self, cost: int, model: str) -> Verdict:
         """Ask the limits about a request that costs `cost` TPM tokens."""
         with self.lock:
@@ -178,6 +202,11 @@ class Core:
 def check_latency(seconds: float, sigma: float) -> None:
     if seconds < 0 or sigma < 0:
         raise ValueError(f"latency and sigma must be >= 0, not {seconds} and {sigma}")
+
+
+def check_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1000:
+        raise ValueError(f"image_token_scale must be > 0 and <= 1000, not {scale!r}")
 
 
 def auth_error(request: web.Request) -> dict[str, Any]:

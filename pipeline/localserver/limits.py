@@ -98,23 +98,29 @@ def retry_after_headers(wait_s: float) -> dict[str, str]:
 
 
 class _Bucket:
-    """A token bucket holding up to `limit` units that refills continuously at `limit` per minute."""
+    """A token bucket holding up to `limit` units that refills continuously at `limit` per `window_s`."""
 
-    def __init__(self, limit: int, now: float):
+    def __init__(self, limit: int, now: float, window_s: float = 60.0, *, empty: bool = False):
         self.limit = limit
-        self.level = float(limit)
+        self.window_s = window_s
+        self.level = 0.0 if empty else float(limit)
         self.stamp = now
 
     def refill(self, now: float) -> None:
-        self.level = min(float(self.limit), self.level + (now - self.stamp) * self.limit / 60)
+        self.level = min(float(self.limit), self.level + (now - self.stamp) * self.limit / self.window_s)
         self.stamp = now
 
     def wait_s(self, cost: float) -> float:
         """Seconds until the bucket holds `cost` units."""
-        return max(0.0, (cost - self.level) * 60 / self.limit)
+        return max(0.0, (cost - self.level) * self.window_s / self.limit)
 
     def used(self) -> int:
         return self.limit - math.floor(self.level)
+
+    def name(self, kind: str) -> str:
+        """How OpenAI-style messages name it: "requests per min (RPM)", "tokens per second (TPS)"."""
+        per, short = ("min", "M") if self.window_s == 60.0 else ("second", "S")
+        return f"{kind} per {per} ({kind[0].upper()}P{short})"
 
     def headers(self, kind: str) -> dict[str, str]:
         """x-ratelimit-{limit,remaining,reset}-{kind}; reset is the time until the bucket is full."""
@@ -130,65 +136,92 @@ class Verdict:
     """What the limits say about one request."""
 
     headers: dict[str, str]  # x-ratelimit-* to send (and retry-after* on a rejection)
-    limit: str | None = None  # "rpm" | "tpm" | "penalty" when rejected
+    limit: str | None = None  # "rpm" | "tpm" | "rps" | "tps" | "penalty" when rejected
     body: dict[str, Any] | None = None  # the 429 body when rejected
 
 
-class Limits:
-    """RPM/TPM buckets, the concurrency cap and the penalty window. Guarded by the core's lock."""
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """What `LocalServer.rate_limit` asked for; None means no such limit."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, concurrency: int | None, headers: bool,
-                 penalty_s: float, now: float):
-        self.requests = _Bucket(rpm, now) if rpm else None
-        self.tokens = _Bucket(tpm, now) if tpm else None
-        self.concurrency = concurrency
-        self.send_headers = headers
-        self.penalty_s = penalty_s
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    headers: bool = True  # send x-ratelimit-* (and retry-after on a bucket's 429)
+    penalty_s: float = 0.0  # after a limit's 429, refuse everything for this long
+    rps: int | None = None  # requests per second (Together-style, relays)
+    tps: int | None = None  # tokens per second
+    start_empty: bool = False  # every bucket starts empty: another client just used it
+    concurrency_retry_after_s: float | None = None  # the concurrency 429 says retry-after this (a relay's)
+
+
+class Limits:
+    """RPM/TPM/RPS/TPS buckets, the concurrency cap and the penalty window. Guarded by the core's lock.
+
+    Per-minute buckets are reported in `x-ratelimit-*` headers, per-second ones only in their 429's
+    message (OpenAI documents per-minute headers only; per-second limiters send none).
+    """
+
+    def __init__(self, settings: LimitSettings, now: float):
+        empty = settings.start_empty
+        self.requests = _Bucket(settings.rpm, now, empty=empty) if settings.rpm else None
+        self.tokens = _Bucket(settings.tpm, now, empty=empty) if settings.tpm else None
+        self.requests_per_s = _Bucket(settings.rps, now, 1.0, empty=empty) if settings.rps else None
+        self.tokens_per_s = _Bucket(settings.tps, now, 1.0, empty=empty) if settings.tps else None
+        self.concurrency = settings.concurrency
+        self.concurrency_retry_after_s = settings.concurrency_retry_after_s
+        self.send_headers = settings.headers
+        self.penalty_s = settings.penalty_s
         self.penalty_until = 0.0
 
-    def admit(self, cost: int, model: str, now: float) -> Verdict:
-        """Charge one request of `cost` TPM tokens; say whether it passes.
+    def _request_buckets(self) -> list[tuple[str, _Bucket]]:
+        return [(n, b) for n, b in (("rpm", self.requests), ("rps", self.requests_per_s)) if b is not None]
 
-        A rejected request still uses an RPM unit, as OpenAI counts it (rate-limits guide).
+    def _token_buckets(self) -> list[tuple[str, _Bucket]]:
+        return [(n, b) for n, b in (("tpm", self.tokens), ("tps", self.tokens_per_s)) if b is not None]
+
+    def admit(self, cost: int, model: str, now: float) -> Verdict:
+        """Charge one request of `cost` tokens; say whether it passes.
+
+        A rejected request still uses a request unit, as OpenAI counts it (rate-limits guide).
         """
-        for bucket in (self.requests, self.tokens):
-            if bucket is not None:
-                bucket.refill(now)
+        for _, bucket in self._request_buckets() + self._token_buckets():
+            bucket.refill(now)
         if now < self.penalty_until:
             self._charge_request()
             wait = self.penalty_until - now
             return self._reject("penalty", f"Rate limit reached for {model}: too many requests after a limit "
                                 f"was hit. Please try again in {go_duration(wait)}.", "requests", wait)
-        if self.requests is not None and self.requests.level < 1:
-            self._charge_request()
-            self.trip(now)
-            wait = max(self.requests.wait_s(1), self.penalty_until - now)  # the penalty, when set, is the wait
-            return self._reject("rpm", f"Rate limit reached for {model} on requests per min (RPM): Limit "
-                                f"{self.requests.limit}, Used {self.requests.used()}, Requested 1. Please try "
-                                f"again in {go_duration(wait)}.", "requests", wait)
+        for name, bucket in self._request_buckets():
+            if bucket.level < 1:
+                self._charge_request()
+                self.trip(now)
+                wait = max(bucket.wait_s(1), self.penalty_until - now)  # the penalty, when set, is the wait
+                return self._reject(name, f"Rate limit reached for {model} on {bucket.name('requests')}: Limit "
+                                    f"{bucket.limit}, Used {bucket.used()}, Requested 1. Please try again in "
+                                    f"{go_duration(wait)}.", "requests", wait)
         self._charge_request()
         return self._admit_tokens(cost, model, now)
 
     def _admit_tokens(self, cost: int, model: str, now: float) -> Verdict:
-        bucket = self.tokens
-        if bucket is None:
-            return Verdict(self.headers())
-        if cost > bucket.limit:
-            return self._reject("tpm", f"Request too large for {model} on tokens per min (TPM): Limit "
-                                f"{bucket.limit}, Requested {cost}. The input or output tokens must be "
-                                "reduced in order to run successfully.", "tokens", None)
-        if bucket.level < cost:
-            self.trip(now)
-            wait = max(bucket.wait_s(cost), self.penalty_until - now)
-            return self._reject("tpm", f"Rate limit reached for {model} on tokens per min (TPM): Limit "
-                                f"{bucket.limit}, Used {bucket.used()}, Requested {cost}. Please try again "
-                                f"in {go_duration(wait)}.", "tokens", wait)
-        bucket.level -= cost
+        for name, bucket in self._token_buckets():
+            if cost > bucket.limit:
+                return self._reject(name, f"Request too large for {model} on {bucket.name('tokens')}: Limit "
+                                    f"{bucket.limit}, Requested {cost}. The input or output tokens must be "
+                                    "reduced in order to run successfully.", "tokens", None)
+            if bucket.level < cost:
+                self.trip(now)
+                wait = max(bucket.wait_s(cost), self.penalty_until - now)
+                return self._reject(name, f"Rate limit reached for {model} on {bucket.name('tokens')}: Limit "
+                                    f"{bucket.limit}, Used {bucket.used()}, Requested {cost}. Please try again "
+                                    f"in {go_duration(wait)}.", "tokens", wait)
+        for _, bucket in self._token_buckets():
+            bucket.level -= cost
         return Verdict(self.headers())
 
     def _charge_request(self) -> None:
-        if self.requests is not None:
-            self.requests.level = max(0.0, self.requests.level - 1)
+        for _, bucket in self._request_buckets():
+            bucket.level = max(0.0, bucket.level - 1)
 
     def trip(self, now: float) -> None:
         """A limit answered 429: open the penalty window, if there is one."""
@@ -213,11 +246,18 @@ class Limits:
         return Verdict(headers, limit, body)
 
 
-def concurrency_rejection(request_id: str) -> web.Response:
-    """A relay's answer to one request too many: 429, no rate-limit or retry-after headers."""
-    body = {"error": {"message": "concurrency limit exceeded, please retry later", "type": "rate_limit_error",
-                      "code": None}}
-    return json_response(429, body, {"x-request-id": request_id})
+def concurrency_rejection(request_id: str, retry_after_s: float | None = None) -> web.Response:
+    """A relay's answer to one request too many: 429 without rate-limit headers.
+
+    Bare by default (no retry-after either); with `retry_after_s`, as relays that cap requests in
+    flight answer: "Too many concurrent requests" with retry-after and retry-after-ms.
+    """
+    if retry_after_s is None:
+        body = {"error": {"message": "concurrency limit exceeded, please retry later", "type": "rate_limit_error",
+                          "code": None}}
+        return json_response(429, body, {"x-request-id": request_id})
+    body = error_body("Too many concurrent requests", "rate_limit_error", code="concurrency_limit_exceeded")
+    return json_response(429, body, {"x-request-id": request_id, **retry_after_headers(retry_after_s)})
 
 
 # ---------------------------------------------------------------------------------------------

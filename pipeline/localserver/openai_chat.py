@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from .core import Core, Observed, auth_error
-from .limits import CONTENT_FAULTS, STREAM_ERROR, concurrency_rejection, fault_response, go_silent
+from .limits import CONTENT_FAULTS, STREAM_ERROR, fault_response, go_silent
 from .openai_request import (
     REASONING_PREFIX,
     Fields,
@@ -249,7 +249,7 @@ class OpenAIChat:
         if not exchange.authorized:
             return self._reply_now(exchange, json_response(401, auth_error(request), {"x-request-id": request_id}))
         if not core.enter():
-            return self._reply_now(exchange, concurrency_rejection(request_id), "concurrency")
+            return self._reply_now(exchange, core.concurrency_refusal(request_id), "concurrency")
         task = asyncio.current_task()
         if task is not None:
             core.tasks.add(task)
@@ -270,6 +270,8 @@ class OpenAIChat:
             pictures, prompt_tokens = await checked_pictures(payload, self._core.pool)
         except RequestError as err:
             return self._reply_now(exchange, json_response(err.status, err.body(), headers))
+        image_tokens = sum(picture.tokens for picture in pictures)
+        prompt_tokens += self._core.count_image_tokens(image_tokens) - image_tokens  # the server's own rule
         exchange.picture = pictures[0]
         fields = exchange.fields
         verdict = self._core.admit(prompt_tokens + (output_cap(fields) or 0), fields.model or MODEL_ID)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from .core import Core, Observed
+from .limits import LimitSettings
 from .openai_batch import OpenAIBatch
 from .openai_batch_state import BatchSeen
 from .openai_chat import OpenAIChat
@@ -122,9 +123,11 @@ class LocalServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency_s: float = 0.0,
-                 latency_sigma: float = 0.0, api_key: str | None = None, seed: int = 0):
+                 latency_sigma: float = 0.0, api_key: str | None = None, seed: int = 0,
+                 image_token_scale: float = 1.0):
         self._host = host
-        self._core = Core(latency_s=latency_s, latency_sigma=latency_sigma, api_key=api_key, seed=seed)
+        self._core = Core(latency_s=latency_s, latency_sigma=latency_sigma, api_key=api_key, seed=seed,
+                          image_token_scale=image_token_scale)
         self._chat = OpenAIChat(self._core)
         self._batch = OpenAIBatch(self._core)
         self._protocols = (self._chat, self._batch)  # each adds its routes to the app
@@ -205,16 +208,34 @@ class LocalServer:
         self._core.fail_next(fault, times, retry_after_s=retry_after_s)
 
     def rate_limit(self, *, rpm: int | None = None, tpm: int | None = None, concurrency: int | None = None,
-                   headers: bool = True, penalty_s: float = 0.0) -> None:
-        """Replace the limits: requests and tokens per minute, requests in flight, 429 penalty window.
+                   headers: bool = True, penalty_s: float = 0.0, rps: int | None = None, tps: int | None = None,
+                   start_empty: bool = False, concurrency_retry_after_s: float | None = None) -> None:
+        """Replace the limits: requests and tokens per minute and per second, requests in flight, 429 penalty window.
 
-        None means no limit. Buckets start full. With headers=False, no x-ratelimit-* or retry-after
-        headers are sent. Raises ValueError for a limit below 1 or a negative penalty.
+        None means no limit. Buckets start full, or empty with `start_empty` (another client just
+        used them). Per-minute buckets send x-ratelimit-* headers; per-second ones name themselves
+        only in their 429's message ("on requests per second (RPS): Limit 10, ..."). With
+        headers=False, no x-ratelimit-* or retry-after headers are sent. A request over the
+        concurrency cap gets a bare 429, or, with `concurrency_retry_after_s`, "Too many concurrent
+        requests" with retry-after / retry-after-ms (and still no x-ratelimit-*), as relays answer.
+        Raises ValueError for a limit below 1, a negative penalty or an out-of-range wait.
         """
-        self._core.rate_limit(rpm=rpm, tpm=tpm, concurrency=concurrency, headers=headers, penalty_s=penalty_s)
+        self._core.rate_limit(LimitSettings(rpm=rpm, tpm=tpm, concurrency=concurrency, headers=headers,
+                                            penalty_s=penalty_s, rps=rps, tps=tps, start_empty=start_empty,
+                                            concurrency_retry_after_s=concurrency_retry_after_s))
+
+    def set_image_token_scale(self, scale: float) -> None:
+        """Count image tokens at `scale` times OpenAI's gpt-4o tile rule (85 + 170 per tile), in usage and TPM.
+
+        The server counts every model's images by that rule (a relay or self-hosted server counting
+        its own way); a scale other than 1 makes it count differently from the gpt-4o formula too.
+        Raises ValueError unless 0 < scale <= 1000.
+        """
+        self._core.set_image_token_scale(scale)
 
     def reset(self) -> None:
-        """Forget faults, limits and observations; latency and the RNG go back to their start values.
+        """Forget faults, limits and observations; latency, the image token scale and the RNG go back
+        to their start values.
 
         Files, batches and the batch controls are forgotten too.
         """

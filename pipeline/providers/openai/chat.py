@@ -33,6 +33,7 @@ from .errors import (
     describe_body,
     loads_or_none,
     parse_rate_info,
+    request_id_of,
     unsupported_parameter,
     wants_max_completion_tokens,
 )
@@ -141,7 +142,7 @@ class OpenAIProvider:
 
 
 def _request_id(headers: Mapping[str, str]) -> str | None:
-    return headers.get("x-request-id") or headers.get("request-id")
+    return request_id_of(headers)
 
 
 def build_payload(job: Job, data_url: str, *, stream: bool, token_param: str = "max_tokens") -> dict[str, Any]:

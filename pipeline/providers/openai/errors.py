@@ -33,7 +33,7 @@ from ...records import RateInfo
 from ...redaction import redact
 
 __all__ = ["QUOTA_CODES", "classify_response", "describe_body", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
-           "unsupported_parameter", "wants_max_completion_tokens"]
+           "parse_rate_window", "request_id_of", "unsupported_parameter", "wants_max_completion_tokens"]
 
 QUOTA_CODES = frozenset(
     {
@@ -54,6 +54,19 @@ _QUOTA_MESSAGES = re.compile(
 _QUOTA_SUFFIX = "_spend_limit_exceeded"
 _TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+
+
+# A 429's message naming its bucket: OpenAI's "on tokens per min (TPM): Limit 30000, Used ...",
+# Anthropic's "rate limit of 50 requests per minute", relays' "requests per second (RPS)".
+_NAMED_WINDOW = re.compile(r"\b(requests?|tokens?)\s+per\s+(sec(?:ond)?|min(?:ute)?|day)\b", re.IGNORECASE)
+_SHORT_WINDOW = re.compile(r"\b([RT])P([SMD])\b")  # RPM, TPM, RPS, TPS, RPD, TPD: upper case only
+_NAMED_LIMIT = re.compile(r"\blimit(?:\s+of)?\s*:?\s*(\d[\d,]*)\b", re.IGNORECASE)
+_WINDOWS = {"s": "second", "m": "minute", "d": "day"}
+MAX_NAMED_LIMIT = 10**10  # a limit above this in a message is not believed
+REQUEST_ID_HEADERS = ("x-request-id", "request-id", "llm_provider-x-request-id")
+"""Where the server's request id is: OpenAI's `x-request-id`, Anthropic-style `request-id`, and
+LiteLLM's copy of the upstream's, renamed with its `llm_provider-` prefix
+(https://docs.litellm.ai/docs/proxy/response_headers)."""
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -150,15 +163,13 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes | dic
     if status == 200 and not error:
         return None
     message, code = _error_text(error, body, status)
-    request_id = headers.get("x-request-id") or headers.get("request-id")
-    kw = {"status": status, "request_id": request_id}
+    kw = {"status": status, "request_id": request_id_of(headers)}
     if status == 402 or code in QUOTA_CODES or code.endswith(_QUOTA_SUFFIX) or _QUOTA_MESSAGES.search(message):
         return QuotaError(message, **kw)
     if status == 200 and code.isdigit() and 400 <= int(code) < 500 and int(code) not in (408, 409, 429):
         status = int(code)  # an error event carrying an HTTP code (vLLM): classify it as that status
     if status == 429 or (status == 200 and "rate_limit" in code):
-        hinted = any(k.lower().startswith(("x-ratelimit-", "retry-after")) for k in headers)
-        return RateLimitError(message, retry_after_s=_retry_after(headers, message), hinted=hinted, **kw)
+        return _rate_limit_error(message, headers, kw)
     if status in (401, 403):
         return AuthError(message, **kw)
     if status == 404:
@@ -168,6 +179,48 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes | dic
     if status in (408, 409) or status >= 500 or status == 200:
         return TransientError(message, **kw)
     return BadRequestError(message, **kw)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """The server's id for this request, from the first of REQUEST_ID_HEADERS it sent; None if none."""
+    for name in REQUEST_ID_HEADERS:
+        if value := headers.get(name):
+            return value
+    return None
+
+
+def parse_rate_window(message: str) -> tuple[str | None, str | None, int | None]:
+    """(window, bucket, limit) that a 429's message names, each None when it does not say.
+
+    window is "second", "minute" or "day"; bucket "requests" or "tokens"; limit the number after
+    "Limit" / "limit of" (OpenAI: "Rate limit reached for gpt-4o on tokens per min (TPM): Limit
+    30000, Used 29000, Requested 1500", https://platform.openai.com/docs/guides/rate-limits).
+    A limit of 0, or one beyond MAX_NAMED_LIMIT, is ignored.
+    """
+    window = bucket = None
+    if found := _NAMED_WINDOW.search(message):
+        bucket = "tokens" if found.group(1).lower().startswith("token") else "requests"
+        window = _WINDOWS[found.group(2)[0].lower()]
+    elif found := _SHORT_WINDOW.search(message):
+        bucket = "tokens" if found.group(1) == "T" else "requests"
+        window = _WINDOWS[found.group(2).lower()]
+    limit = None
+    if window is not None and (named := _NAMED_LIMIT.search(message)):
+        value = int(named.group(1).replace(",", ""))
+        limit = value if 0 < value <= MAX_NAMED_LIMIT else None
+    return window, bucket, limit
+
+
+def _rate_limit_error(message: str, headers: Mapping[str, str], kw: dict[str, Any]) -> RateLimitError:
+    """The 429 with what it says about its cause: a named window, a bucket headers say is empty."""
+    window, bucket, limit = parse_rate_window(message)
+    lower = {k.lower(): v for k, v in headers.items()}
+    exhausted = [kind for kind in ("requests", "tokens")
+                 if _non_negative(lower.get(f"x-ratelimit-remaining-{kind}")) == 0]
+    if bucket is None and exhausted:
+        bucket = exhausted[0]
+    return RateLimitError(message, retry_after_s=_retry_after(headers, message), window=window, bucket=bucket,
+                          limit=limit, exhausted=bool(exhausted), **kw)
 
 
 def loads_or_none(body: bytes | None) -> Any:
