@@ -32,7 +32,7 @@ from typing import BinaryIO
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import BadImageError
-from .job import ImageSettings
+from .job import IMAGE_FORMATS, ImageSettings
 from .records import Encoded
 
 __all__ = [
@@ -52,12 +52,13 @@ MAX_PIXELS = 178_956_970
 https://pillow.readthedocs.io/en/stable/reference/Image.html#PIL.Image.open). Checked against the
 header before any pixel is decoded, whatever the process has set Image.MAX_IMAGE_PIXELS to."""
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "TIFF", "BMP", "JPEG2000", "ICO", "PPM", "TGA")
+ACCEPTED_FORMATS = IMAGE_FORMATS
 """The Pillow formats we decode (JPEG covers MPO, PNG covers APNG); anything else is "not an image".
 Pillow picks the decoder from the file's magic bytes, not its name, and its EPS reader runs
 Ghostscript, so a folder of untrusted ".jpg" files must not reach every one of Pillow's 40-odd
 parsers (Pillow's security handbook, https://pillow.readthedocs.io/en/latest/handbook/security.html,
-recommends blocking EPS and limiting formats). Formats this Pillow build lacks are skipped."""
+recommends blocking EPS and limiting formats). Formats this Pillow build lacks are skipped. The list
+lives in `job.IMAGE_FORMATS`, which the folder source also reads to know which file names are images."""
 
 MIME_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 """`ImageSettings.format` → the MIME type that goes in the data URL."""

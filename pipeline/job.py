@@ -27,6 +27,8 @@ __all__ = [
     "Endpoint",
     "Prompt",
     "ImageSettings",
+    "InputSettings",
+    "IMAGE_FORMATS",
     "Limits",
     "Output",
     "Cost",
@@ -83,6 +85,21 @@ class ImageSettings:
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = 85  # JPEG/WebP quality, 1-100
     detail: Literal["low", "high", "auto"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class InputSettings:
+    """Which files under INPUT are read, and how much of each. Not part of the fingerprint: they
+    decide which files are captioned, not what a caption says."""
+
+    follow_links: bool = False  # follow file and folder links that resolve outside INPUT (else: skipped, logged)
+    max_file_mb: float = 256.0  # a larger file is refused from its size, unread: a bad_image row
+
+
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "TIFF", "BMP", "JPEG2000", "ICO", "PPM", "TGA")
+"""The Pillow formats that are images here: the image stage decodes only these (`images.ACCEPTED_FORMATS`),
+and the folder source takes every file name ending Pillow registers for them (`sources/folder.py`).
+Shared through the job module so that neither stage imports the other."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +174,7 @@ class Job:
     endpoint: Endpoint = field(default_factory=Endpoint)
     prompt: Prompt = field(default_factory=Prompt)
     image: ImageSettings = field(default_factory=ImageSettings)
+    input: InputSettings = field(default_factory=InputSettings)
     limits: Limits = field(default_factory=Limits)
     output: Output = field(default_factory=Output)
     cost: Cost = field(default_factory=Cost)
@@ -169,7 +187,7 @@ class Job:
     def fingerprint(self) -> str:
         """Hash of what decides the answers: model, prompt, image settings, extra parameters.
 
-        Not the endpoint URL, key, headers, mode, limits, output or batch settings: changing those
+        Not the endpoint URL, key, headers, mode, input, limits, output or batch settings: changing those
         does not change what a caption means, so a run may resume under them (online after batch too).
         """
         decisive = {
@@ -190,6 +208,7 @@ _SECTIONS: dict[str, type] = {
     "endpoint": Endpoint,
     "prompt": Prompt,
     "image": ImageSettings,
+    "input": InputSettings,
     "limits": Limits,
     "output": Output,
     "cost": Cost,
@@ -316,6 +335,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("prompt.temperature", 0, 2),
     ("image.max_side", 16, 8192),
     ("image.quality", 1, 100),
+    ("input.max_file_mb", 0.001, 1_000_000),
     ("limits.concurrency", 1, 10_000),
     ("limits.rpm", 1, 100_000_000),
     ("limits.tpm", 1, 10_000_000_000),

@@ -128,6 +128,7 @@ class RunSummary:
     error_kinds: dict[str, int] = field(default_factory=dict)
     dedup_copies: int = 0  # ok rows that copied an identical file's answer (no request, no tokens)
     failed: list[str] = field(default_factory=list)  # the first MAX_NAMED_FAILURES images that ended as errors
+    skipped_files: dict[str, int] = field(default_factory=dict)  # passed over by the walk, by reason (not images, ...)
 
     @property
     def exit_code(self) -> int:

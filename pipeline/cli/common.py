@@ -134,6 +134,8 @@ def _print_summary(summary, argv: list[str]) -> None:
           f"{summary.prompt_tokens + summary.completion_tokens:,} tokens ({summary.prompt_tokens:,} in, "
           f"{summary.completion_tokens:,} out); {summary.retries} retries, {summary.rate_limited} rate-limited; "
           f"{summary.wall_s:.1f} s, {rate:.0f} images/min")
+    if summary.skipped_files:  # what the walk passed over: nothing is skipped silently
+        print("caption: passed over: " + ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_files.items())))
     print(f"caption: Parquet in {summary.out}/ (pandas.read_parquet({str(summary.out)!r}) reads it whole)")
     copies = getattr(summary, "dedup_copies", 0)
     if copies:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from ..errors import JobError
 from ..job import Job
 from ..records import RunSummary
+from ..sources import open_source
 
 __all__ = ["run", "run_async"]
 
@@ -30,7 +32,12 @@ def run(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | Non
 async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_key: str | None,
                     headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
                     handle_signals: bool = False, detach: bool = False) -> RunSummary:
-    """The same as `run`, inside a running loop (tests call this)."""
+    """The same as `run`, inside a running loop (tests call this).
+
+    Raises JobError, before the out folder is touched, when INPUT holds no image to caption.
+    """
+    if input_path is not None and (why := open_source(input_path, job.input).why_empty()) is not None:
+        raise JobError(f"{input_path}: {why}")
     if job.endpoint.mode == "batch":
         from .batch import run_batch
 

@@ -79,7 +79,7 @@ async def run_online(job: Job, input_path: str | Path, out: str | Path, *, api_k
         done, sent_shas = await asyncio.to_thread(store.resume_index)
         async with bundled_endpoint(job.endpoint.base_url) as base_url:
             captioner = Captioner(job, make_provider(job, base_url, api_key=api_key, headers=headers))
-            runner = _Run(captioner, open_source(input_path), store, done, sent_shas, progress)
+            runner = _Run(captioner, open_source(input_path, job.input), store, done, sent_shas, progress)
             if handle_signals:
                 runner.install_signal_handlers()
             return await runner.main()
@@ -144,6 +144,7 @@ class _Run:
             self._progress.close()
         self.summary.wall_s = time.monotonic() - self._started
         self.summary.rate_limited = self.limiter.rate_limited
+        self.summary.skipped_files = dict(self.source.skipped)
         return self.summary
 
     async def _run_stages(self, pool: concurrent.futures.Executor) -> None:

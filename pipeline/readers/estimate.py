@@ -160,7 +160,7 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
     main = Scenario(job.endpoint.model, job.image.detail, job.image.max_side)
     tallies = {s: _Tally(s, cost.image_formula(s.model), text) for s in _scenarios(main, models)}
     started = time.perf_counter()
-    count, errors, examples = _walk(input_path, tallies.values())
+    count, errors, examples = _walk(input_path, job, tallies.values())
     elapsed = time.perf_counter() - started
     per_output = job.prompt.max_tokens if expected_output_tokens is None else expected_output_tokens
     main_tokens = tallies[main].tokens
@@ -194,13 +194,17 @@ def _scenarios(main: Scenario, models: tuple[str, ...]) -> list[Scenario]:
     return list(ordered)
 
 
-def _walk(input_path: str | Path, tallies) -> tuple[int, int, list[str]]:
-    """Probe every image under `input_path` into the tallies; return (images, errors, examples)."""
+def _walk(input_path: str | Path, job: Job, tallies) -> tuple[int, int, list[str]]:
+    """Probe every image under `input_path` into the tallies; return (images, errors, examples).
+
+    A file the run would refuse unread (not a regular file, over `[input] max_file_mb`) counts as
+    unreadable, as does one whose header Pillow cannot read.
+    """
     tallies = list(tallies)
     sides = sorted({t.scenario.max_side for t in tallies})
     count = errors = 0
     examples: list[str] = []
-    for source in open_source(input_path).items():
+    for source in open_source(input_path, job.input).items():
         try:
             with source.open() as handle:
                 width, height = images.probe_size(handle)

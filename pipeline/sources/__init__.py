@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..job import InputSettings
 from .base import ImageSource, Item
 from .folder import FolderSource
 
 __all__ = ["ImageSource", "Item", "open_source"]
 
 
-def open_source(input_path: str | Path) -> ImageSource:
-    """The source that INPUT names."""
-    return FolderSource(input_path)
+def open_source(input_path: str | Path, settings: InputSettings | None = None) -> ImageSource:
+    """The source that INPUT names, reading it as the job's `[input]` table says (default: its defaults)."""
+    return FolderSource(input_path, settings)

@@ -20,7 +20,8 @@ class Item(Protocol):
     key: str  # stable across runs: the resume key, POSIX-style for files
 
     def read(self) -> bytes:
-        """The item's bytes; raises OSError when they cannot be read."""
+        """The item's bytes; raises OSError when they cannot be read, or are more than the source's
+        size limit (the read itself is bounded)."""
 
     def open(self) -> BinaryIO:
         """A binary file object, for reads of the header only (sizes for an estimate)."""
@@ -29,8 +30,14 @@ class Item(Protocol):
 class ImageSource(Protocol):
     """Where a run's images come from."""
 
+    skipped: dict[str, int]
+    """What the walks so far passed over, by reason ("not an image file": 3, ...): nothing is skipped silently."""
+
     def items(self) -> Iterator[Item]:
         """Every image, streamed (never listed whole), in an order that is the same on every run."""
+
+    def why_empty(self) -> str | None:
+        """None when the source has an item; else why it has none, in words that follow INPUT's name."""
 
     def open_by_key(self, key: str) -> Item | None:
         """The item with this key, or None when the key cannot name one of this source's items."""

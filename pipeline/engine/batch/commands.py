@@ -102,7 +102,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
             captioner, backend = _open(job, session, base_url, api_key, headers)
             captioner.provider.adopt(state.learned())
             run = BatchRun.start(progress=progress, captioner=captioner, backend=backend, store=store, state=state,
-                                 source=open_source(input_path) if input_path is not None else None,
+                                 source=open_source(input_path, job.input) if input_path is not None else None,
                                  summary=summary, policy=RetryPolicy.of(job.limits))
             try:
                 await BatchDriver(run).main(detach, handle_signals=handle_signals)
@@ -200,7 +200,7 @@ def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> Prep
     dest.mkdir(parents=True, exist_ok=True)
     summary = PrepareSummary()
     captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
-    items = ((item, 1) for item in open_source(input_path).items())
+    items = ((item, 1) for item in open_source(input_path, job.input).items())
     writer = None
     with concurrent.futures.ThreadPoolExecutor(job.limits.preprocess_workers or os.cpu_count() or 1) as pool:
         for item, _, encoded in encoded_items(captioner.prepare, items, pool):
