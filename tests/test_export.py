@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -271,3 +272,75 @@ def test_export_reads_a_folder_of_many_parts_and_lists_errors_capped(captioned, 
     assert lines[0] == "caption: 26 images have no ok row and were not exported:"
     assert len(lines) == 1 + 20 + 1 and "... and 6 more" in lines[-1]
     assert len((out.parent / "out.jsonl").read_text().splitlines()) == len(OK_IMAGES)
+
+
+# --- writes stay under their destination; every key round-trips -----------------------------
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def test_txt_beside_the_images_never_writes_through_a_folder_link(server, export, tmp_path, caption_run):
+    outside = copy_samples(tmp_path / "outside", ["coffee_cup.jpg"])
+    folder = copy_samples(tmp_path / "in", ["chelsea_the_cat.jpg"])
+    (folder / "linked").symlink_to(outside)
+    assert caption_run(server, folder, tmp_path / "out", "--follow-links") == 0  # the user let the run read it
+    code, _, stderr = export(tmp_path / "out", "--to", "txt", "--input", folder)
+    assert code == 2 and "leads out of" in stderr and "through a link" in stderr
+    assert _files_under(outside) == {outside / "coffee_cup.jpg"} and not (folder / "chelsea_the_cat.txt").exists()
+    assert export(tmp_path / "out", "--to", "txt", "--dest", tmp_path / "caps").code == 0  # mirrored: fine
+    assert (tmp_path / "caps" / "linked" / "coffee_cup.txt").is_file()
+
+
+@pytest.mark.parametrize("link", ["folder", "file"])
+def test_a_link_inside_dest_is_never_written_through(captioned, export, tmp_path, link):
+    folder, out = captioned
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest = tmp_path / "caps"
+    dest.mkdir()
+    if link == "folder":
+        (dest / "sub").symlink_to(elsewhere)  # sub/horse_silhouette_1bit.txt would land in elsewhere/
+    else:
+        (dest / "coffee_cup.txt").symlink_to(elsewhere / "coffee_cup.txt")
+    code, _, stderr = export(out, "--to", "txt", "--dest", dest, *(["--overwrite"] if link == "file" else []))
+    assert code == 2 and ("through a link" in stderr or "is a link" in stderr), stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["out", "out/sub"])
+def test_a_destination_inside_an_out_folder_is_refused(captioned, export, tmp_path, where):
+    _, out = captioned
+    before = _files_under(out)
+    code, _, stderr = export(out, "--to", "parquet", "--dest", tmp_path / where)
+    assert code == 2 and "is inside the out folder" in stderr
+    assert _files_under(out) == before
+    assert len(pq.read_table(out)) == len(read_rows(out))  # still one run's rows, nothing added
+
+
+def test_names_with_escapes_export_to_their_real_files(server, export, tmp_path, caption_run, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    photo = (Path(__file__).parent.parent / "sample_data" / "coffee_cup.jpg").read_bytes()
+    (folder / latin1).write_bytes(photo)
+    (folder / "caf\\xe9.jpg").write_bytes(photo + b"twin")
+    assert caption_run(server, folder, tmp_path / "out") == 0
+    assert export(tmp_path / "out", "--to", "txt", "--input", folder).code == 0
+    assert sorted(os.listdir(os.fsencode(folder))) == [b"caf\\xe9.jpg", b"caf\\xe9.txt", b"caf\xe9.jpg",
+                                                        b"caf\xe9.txt"]
+    assert export(tmp_path / "out", "--to", "txt", "--dest", tmp_path / "caps", "--copy-images",
+                  "--input", folder).code == 0
+    assert len(os.listdir(tmp_path / "caps")) == 4
+    code, _, stderr = export(tmp_path / "out", "--to", "hf", "--input", folder)
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert code == 0 and [line["file_name"] for line in lines] == ["caf\\xe9.jpg"]  # the real name
+    assert "caf\\xe9.jpg: its file name is not UTF-8" in stderr
+
+
+def test_odd_keys_are_one_line_errors_never_a_crash(captioned, export, tmp_path):
+    _, out = captioned
+    append_rows(out, _ok_row(out, "nul\x00byte.jpg", "x"))
+    code, _, stderr = export(out, "--to", "txt", "--dest", tmp_path / "caps")
+    assert code == 2 and "is not a path inside the input folder" in stderr and stderr.count("\n") == 1

@@ -11,6 +11,11 @@ few rows a later row replaced; the second streams the latest rows into the outpu
 Every file is written atomically: to a hidden temp file beside it, then moved into place. Nothing
 existing is replaced unless `overwrite` is set; the check runs over every target before the first
 write, and the final move of each file refuses to clobber a file that appeared meanwhile.
+
+Writes stay under their destination: every target is resolved (links and all) and must lie under
+the resolved `--dest` (or `--input`, for sidecars beside the images), before the first write and
+again just before its own; a link is never written through. A destination inside an out folder is
+refused, since readers of that folder would take the export for data.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import csv
 import datetime as dt
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import JobError
+from ..job import InputSettings
 from ..sources import ImageSource, open_source
-from ..sources.folder import key_path
+from ..sources.folder import key_path, unescape_key
 from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "ErrorRow",
     "ExportSummary",
     "export",
+    "run_input_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +119,40 @@ def _under(root: Path, image_path: str) -> Path:
     return path
 
 
+def _checked(root: Path, target: Path) -> Path:
+    """`target`, once it is sure that writing it writes under `root`: its folder, links resolved,
+    is `root` (resolved) or below it, and it is not itself a link. JobError otherwise."""
+    real_root = os.path.realpath(root)
+    real_folder = os.path.realpath(target.parent)
+    if real_folder != real_root and not real_folder.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise JobError(f"{target}: its folder leads out of {root} (to {real_folder}) through a link; "
+                       "nothing is written outside the destination. Export with --dest DIR instead")
+    if os.path.islink(target):
+        raise JobError(f"{target}: is a link; export writes no file through one. Remove it or choose another --dest")
+    return target
+
+
+def _refuse_out_folder(folder: Path, flag: str) -> None:
+    """JobError when `folder` is an out folder of `caption run` or inside one: the export would
+    become part of that folder's data (`pd.read_parquet(OUT)` would read it too)."""
+    real = Path(os.path.realpath(folder))
+    for ancestor in (real, *real.parents):
+        if (ancestor / JOB_FILE).is_file():
+            raise JobError(f"{flag} {folder}: is inside the out folder {ancestor}; readers of that folder would "
+                           "take the export for data. Choose a folder outside it")
+
+
+def run_input_settings(out: Path) -> InputSettings:
+    """The `[input]` settings the run that wrote `out` used (defaults for an out folder older than them),
+    so readers find its images the way its walk did (`follow_links`)."""
+    try:
+        table = json.loads((out / JOB_FILE).read_text(encoding="utf-8")).get("input") or {}
+        return InputSettings(follow_links=table.get("follow_links") is True,
+                             max_file_mb=float(table.get("max_file_mb", InputSettings.max_file_mb)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return InputSettings()
+
+
 def _outside(image_path: str) -> JobError:
     return JobError(f"image_path {image_path!r} is not a path inside the input folder; refusing to use it")
 
@@ -139,6 +181,7 @@ def export(settings: ExportSettings) -> ExportSummary:
     """
     check_out_folder(settings.out)
     _check_settings(settings)
+    _refuse_out_folder(_write_root(settings), "--dest" if settings.dest is not None else "the destination")
     latest = LatestRows.read(settings.out)
     errors, listed, exported = _check_targets(settings, latest)
     target, files = _WRITERS[settings.to](settings, latest)
@@ -178,7 +221,7 @@ def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, l
     errors, listed, exported = 0, [], 0
     targets: dict[Path, str] = {}
     missing, first_missing = 0, ""
-    source = open_source(settings.input) if settings.input is not None else None
+    source = _source(settings)
     columns = ["status", "error_kind", "error"]
     for row in iter_latest_rows(settings.out, columns, latest):
         if row["status"] != "ok":
@@ -202,14 +245,28 @@ def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, l
     return errors, listed, exported
 
 
+def _source(settings: ExportSettings) -> ImageSource | None:
+    """The input's source, opened as the run that wrote the out folder read it."""
+    return None if settings.input is None else open_source(settings.input, run_input_settings(settings.out))
+
+
+def _write_root(settings: ExportSettings) -> Path:
+    """The folder every file of this export goes under."""
+    if settings.dest is not None:
+        return settings.dest
+    return settings.input if settings.to in ("txt", "hf") else settings.out.resolve().parent
+
+
 def _per_image_targets(settings: ExportSettings, image_path: str) -> list[Path]:
-    """The files one exported image makes: its sidecar (txt) and its copy (--copy-images)."""
+    """The files one exported image makes: its sidecar (txt) and its copy (--copy-images), each
+    checked to write under its root (`_checked`)."""
     found: list[Path] = []
     if settings.to == "txt":
-        image = _under(settings.dest or settings.input, image_path)
-        found.append(image.with_name(image.stem + settings.caption_ext))
+        root = settings.dest or settings.input
+        image = _under(root, image_path)
+        found.append(_checked(root, image.with_name(image.stem + settings.caption_ext)))
     if settings.copy_images:
-        found.append(_under(settings.dest, image_path))
+        found.append(_checked(settings.dest, _under(settings.dest, image_path)))
     return found
 
 
@@ -224,16 +281,16 @@ def _single_target(settings: ExportSettings) -> Path:
     Others: `<out folder name>.<format>` in --dest, by default beside the out folder, so that
     `caption export runs/alt --to csv` gives `runs/alt.csv`.
     """
+    root = _write_root(settings)
     if settings.to == "hf":
-        return (settings.dest or settings.input) / HF_METADATA
-    out = settings.out.resolve()
-    return (settings.dest or out.parent) / f"{out.name}.{settings.to}"
+        return _checked(root, root / HF_METADATA)
+    return _checked(root, root / f"{settings.out.resolve().name}.{settings.to}")
 
 
 def _refuse_overwrites(targets: list[Path], overwrite: bool) -> None:
     if overwrite:
         return
-    existing = [t for t in targets if t.exists()]
+    existing = [t for t in targets if os.path.lexists(t)]
     if existing:
         many = f"{len(existing)} files" if len(existing) > 1 else "1 file"
         raise JobError(f"{many} would be overwritten (e.g. {existing[0]}); nothing written. "
@@ -310,29 +367,55 @@ def _field_values(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any
     return {column: fields.get(name) for name, column in columns.items()}
 
 
-def _json_lines(settings: ExportSettings, latest: LatestRows, path_key: str,
-                text_key: str) -> Iterator[tuple[str, str]]:
-    """(image_path, JSON line) of each ok image: path and caption under the given keys, then the
-    chosen columns, then the flat structured fields."""
+def _json_lines(settings: ExportSettings, latest: LatestRows, path_key: str, text_key: str,
+                path_of: Callable[[str], str | None] = str) -> Iterator[tuple[str, str | None]]:
+    """(image_path, JSON line) of each ok image: `path_of(image_path)` and the caption under the
+    given keys, then the chosen columns, then the flat structured fields. The line is None when
+    `path_of` gives None (a path the format cannot name)."""
     extra = _extra_columns(settings)
     flat = field_columns(settings.out, [path_key, text_key, *extra])
     for row in _iter_ok_rows(settings, latest, ["caption", "fields", *extra]):
-        line = {path_key: row["image_path"], text_key: row["caption"] or ""}
+        path = path_of(row["image_path"])
+        if path is None:
+            yield row["image_path"], None
+            continue
+        line = {path_key: path, text_key: row["caption"] or ""}
         line.update((c, _json_value(row[c])) for c in extra)
         line.update(_field_values(row, flat))
         yield row["image_path"], json.dumps(line, ensure_ascii=False) + "\n"
 
 
 def _write_hf(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
-    """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns."""
+    """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns.
+
+    `file_name` is the file's real name (the key's escapes undone). A name that is not UTF-8 cannot
+    be written in a JSON line: such images are left out, each named in a log line.
+    """
     target = _single_target(settings)
     files = 1
     with open_atomic(target, settings.overwrite) as handle:
-        for image_path, line in _json_lines(settings, latest, "file_name", "text"):
+        for image_path, line in _json_lines(settings, latest, "file_name", "text", _utf8_file_name):
+            if line is None:
+                log.warning("left out of %s: %s: its file name is not UTF-8, which a JSON line cannot name; "
+                            "rename the file (and run again) to include it", HF_METADATA, image_path)
+                continue
             handle.write(line)
             if settings.copy_images:
-                files += _copy_images(settings, image_path, [_under(settings.dest, image_path)])
+                files += _copy_images(settings, image_path,
+                                      [_checked(settings.dest, _under(settings.dest, image_path))])
     return target, files
+
+
+def _utf8_file_name(image_path: str) -> str | None:
+    """The image's real relative path when it is valid UTF-8, else None."""
+    name = unescape_key(image_path)
+    if name is None:
+        return None
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
 
 
 def _write_jsonl(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
@@ -387,7 +470,9 @@ _WRITERS = {"txt": _write_txt, "hf": _write_hf, "jsonl": _write_jsonl, "csv": _w
 def _copy_images(settings: ExportSettings, image_path: str, targets: list[Path]) -> int:
     if not targets:
         return 0
-    item = open_source(settings.input).open_by_key(image_path)
+    item = _source(settings).open_by_key(image_path)
+    if item is None:
+        raise _outside(image_path)
     for target in targets:
         with item.open() as source, open_atomic(target, settings.overwrite, binary=True) as handle:
             shutil.copyfileobj(source, handle)

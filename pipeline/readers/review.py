@@ -28,6 +28,7 @@ import html
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from ..images import encode_image
 from ..job import ImageSettings
 from ..sources import ImageSource, Item, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
+from .export import run_input_settings
 
 __all__ = ["ReviewSummary", "write_review", "DEFAULT_HTML", "PAGE_SIZE"]
 
@@ -104,7 +106,7 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
         handle.write(_HEAD.replace("{title}", html.escape(meta["title"])))
         handle.write('<script type="application/json" id="review-data">{"meta":' + _script_json(meta) + ',"rows":[')
         prices = prices if prices is not None else load_prices()
-        source = open_source(input_dir) if input_dir is not None else None
+        source = open_source(input_dir, run_input_settings(out)) if input_dir is not None else None
         for number, page_row in enumerate(_page_rows(rows, source, counts, prices)):
             handle.write(("," if number else "") + "\n" + _script_json(page_row))
         handle.write("\n]}</script>\n" + _TAIL)
@@ -152,7 +154,7 @@ def _thumbnail(item: Item | None) -> str | None:
         return None
     try:
         return encode_image(item.read(), _THUMB_SETTINGS).data_url()
-    except (OSError, BadImageError) as err:
+    except (OSError, ValueError, BadImageError) as err:  # ValueError: a path Python refuses to pass on
         log.debug("no thumbnail for %s: %s", item.key, err)
         return None
 
@@ -173,8 +175,15 @@ def _title(out: Path) -> str:
 
 
 def _refuse_foreign_file(target: Path) -> None:
-    if not target.exists():
+    """JobError unless `target` is absent or a page this module wrote. A link, FIFO or device is
+    refused from its `lstat` alone: it is never opened, and never written through."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISREG(mode):
+        kind = "a link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise JobError(f"{target}: exists and is {kind}; choose another --html")
     with open(target, "rb") as handle:
         head = handle.read(4096)
     if GENERATOR.encode("utf-8") not in head:
