@@ -60,7 +60,13 @@ class Captioner:
             data = item.read()
         except OSError as err:
             raise BadImageError(f"cannot read file: {err.strerror or err}") from None
-        return images.encode_image(data, self.job.image)
+        settings = self.provider.image_settings(self.job.image)  # within the protocol's per-image limits
+        while True:
+            encoded = images.encode_image(data, settings)
+            smaller = self.provider.image_settings(settings, encoded)  # the same: it fits; else encode again
+            if smaller == settings:
+                return encoded
+            settings = smaller
 
     async def caption(self, key: str, encoded: Encoded, send: Send, retrying: AsyncRetrying) -> Result:
         """Ask for one image's caption, retrying as `retrying` says; return the row it ends as.

@@ -24,6 +24,8 @@ from aiohttp import web
 
 from .core import Core, Observed
 from .limits import LimitSettings
+from .anthropic_batch import AnthropicBatches
+from .anthropic_messages import AnthropicMessages
 from .openai_batch import OpenAIBatch
 from .openai_batch_state import BatchSeen
 from .openai_chat import OpenAIChat
@@ -130,7 +132,9 @@ class LocalServer:
                           image_token_scale=image_token_scale)
         self._chat = OpenAIChat(self._core)
         self._batch = OpenAIBatch(self._core)
-        self._protocols = (self._chat, self._batch)  # each adds its routes to the app
+        anthropic = AnthropicMessages(self._core)
+        # each adds its routes to the app
+        self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic))
         self._life = _LoopThread(host, port, self._core, self._make_app)
 
     # -- lifecycle ------------------------------------------------------------------------------

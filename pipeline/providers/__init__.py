@@ -20,8 +20,8 @@ from .base import BatchBackend, BatchInfo, HttpRequest, LineResult, Provider, St
 __all__ = ["PROTOCOLS", "make_provider", "make_batch_backend", "Provider", "BatchBackend", "BatchInfo",
            "HttpRequest", "LineResult", "StreamParser"]
 
-PROTOCOLS = {"openai": "pipeline.providers.openai"}
-"""Protocol name (the job's `[endpoint] api`, "openai" until a job can choose) → its package."""
+PROTOCOLS = {"openai": "pipeline.providers.openai", "anthropic": "pipeline.providers.anthropic"}
+"""Protocol name (the job's `[endpoint] api`) → its package."""
 
 
 def make_provider(job: Job, base_url: str, *, api_key: str | None, headers: Mapping[str, str]) -> Provider:
@@ -36,7 +36,7 @@ def make_batch_backend(job: Job, provider: Provider, session: aiohttp.ClientSess
 
 
 def _package(job: Job) -> ModuleType:
-    protocol = getattr(job.endpoint, "api", "openai")
+    protocol = job.endpoint.api
     if protocol not in PROTOCOLS:
         raise JobError(f"{job.source}: [endpoint] api = {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     return importlib.import_module(PROTOCOLS[protocol])

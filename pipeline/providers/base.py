@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import CaptionError
+from ..job import ImageSettings
 from ..records import ChatResult, Encoded, RateInfo
 
 __all__ = ["HttpRequest", "StreamParser", "Provider", "BatchInfo", "LineResult", "BatchBackend"]
@@ -67,6 +68,14 @@ class Provider(Protocol):
     def request_tokens(self, image: Encoded) -> int:
         """What one request counts against a tokens-per-minute budget before it is sent."""
 
+    def image_settings(self, settings: ImageSettings, encoded: Encoded | None = None) -> ImageSettings:
+        """The settings to encode an image with, within the protocol's per-image limits.
+
+        Called first without `encoded` (cap the job's settings, e.g. the longest side a protocol
+        accepts), then with each encoding made: settings equal to `settings` mean it fits; other
+        (smaller) settings mean encode again with those. Must reach a fixed point.
+        """
+
     def learn(self, err: CaptionError, sent: HttpRequest | None = None) -> bool:
         """Adapt to an error the server explained (e.g. a renamed parameter).
 
@@ -111,6 +120,9 @@ class LineResult:
 class BatchBackend(Protocol):
     """One provider's Files/Batches API over the run's HTTP session."""
 
+    def custom_id(self, key: str) -> str:
+        """The custom_id a request for image `key` goes under (the chunk's index records the map back)."""
+
     def request_line(self, custom_id: str, image: Encoded) -> bytes:
         """One input line (newline included) asking for `image`'s caption under `custom_id`."""
 
@@ -123,8 +135,13 @@ class BatchBackend(Protocol):
     async def poll(self, batch_id: str) -> BatchInfo:
         """The batch's current state; FatalError with status 404 when the provider lost it."""
 
-    async def find(self, metadata: dict[str, str], since: float | None) -> BatchInfo | None:
-        """A batch created with (at least) this metadata, created after `since`; None if none."""
+    async def find(self, metadata: dict[str, str], since: float | None, file_ref: str | None = None
+                   ) -> BatchInfo | None:
+        """A batch created with (at least) this metadata, created after `since`; None if none.
+
+        `file_ref` is what `upload` returned for the chunk: a provider whose batches carry no
+        metadata matches on what it can learn from it instead.
+        """
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         """Ask the provider to cancel a live batch."""

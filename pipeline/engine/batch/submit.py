@@ -97,7 +97,7 @@ class Submitter:
         run = self.run
         since = record.uploaded_at - LIST_SKEW_S if record.uploaded_at else None
         found = await run.policy.call("list batches", run.backend.find,
-                                      run.state.metadata(run.captioner.job, record.name), since)
+                                      run.state.metadata(run.captioner.job, record.name), since, record.file_id)
         if found is not None:
             log.info("%s: found batch %s created before a crash", record.name, found.id)
         return found
@@ -143,14 +143,15 @@ class Submitter:
             return writer
         if await self._copied(item, encoded):
             return writer
-        line = run.backend.request_line(item.key, encoded)
+        custom_id = run.backend.custom_id(item.key)
+        line = run.backend.request_line(custom_id, encoded)
         if writer is not None and not writer.fits(line):
             await self.close_and_submit(writer)
             writer = None
         if writer is None:
             writer = ChunkWriter(run.state.folder, run.state.next_name(), run.captioner.job.batch)
             run.state.records[writer.name] = ChunkRecord(writer.name, 0, 0, "writing")
-        writer.add(line, IndexEntry(item.key, item.key, attempt, image_facts(encoded)))
+        writer.add(line, IndexEntry(custom_id, item.key, attempt, image_facts(encoded)))
         run.state.ledger[key_hash(item.key)] = -1
         self._live_shas.add(key_hash(encoded.sha256))
         if writer.lines == 2:

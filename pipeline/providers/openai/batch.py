@@ -53,6 +53,10 @@ class OpenAIBatchBackend:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
 
+    def custom_id(self, key: str) -> str:
+        """The image key itself: OpenAI takes any string, and the rows name the key."""
+        return key
+
     def request_line(self, custom_id: str, image: Encoded) -> bytes:
         """One input line: the online payload without `stream`, keyed by custom_id."""
         body = self._provider.body(image, stream=False)
@@ -77,7 +81,8 @@ class OpenAIBatchBackend:
     async def cancel(self, batch_id: str) -> BatchInfo:
         return batch_info(await self._call("POST", f"/batches/{batch_id}/cancel"))
 
-    async def find(self, metadata: dict[str, str], since: float | None) -> BatchInfo | None:
+    async def find(self, metadata: dict[str, str], since: float | None, file_ref: str | None = None
+                   ) -> BatchInfo | None:
         """Page through the batches (newest first) for one carrying `metadata`; stop at batches
         created before `since`, or after LIST_MAX_PAGES pages."""
         after = None

@@ -23,7 +23,7 @@ from typing import Any
 
 from ... import cost
 from ...errors import BadOutputError, BadRequestError, CaptionError, TransientError
-from ...job import Job
+from ...job import ImageSettings, Job
 from ...records import ChatResult, Encoded, RateInfo, Usage
 from ...redaction import keep_secret
 from ..base import HttpRequest
@@ -110,6 +110,10 @@ class OpenAIProvider:
         prompt = self.job.prompt
         tokens = cost.image_tokens(self._image_formula, image.sent_width, image.sent_height, self.job.image.detail)
         return tokens + cost.text_tokens((prompt.system or "") + prompt.user) + prompt.max_tokens
+
+    def image_settings(self, settings: ImageSettings, encoded: Encoded | None = None) -> ImageSettings:
+        """The job's settings as they are: OpenAI shrinks what it is sent itself."""
+        return settings
 
     def learn(self, err: CaptionError, sent: HttpRequest | None = None) -> bool:
         if not isinstance(err, BadRequestError):
