@@ -195,6 +195,8 @@ def test_429_carries_the_wait_and_the_empty_bucket():
     assert error.bucket == "tokens" and error.window == "minute" and error.exhausted
     assert 18 < error.retry_after_s <= 20
     assert classify_response(429, {"retry-after": "7"}, _error("rate_limit_error")).retry_after_s == 7
+    named = classify_response(429, {}, _error("rate_limit_error", "would exceed 50,000 input tokens per minute"))
+    assert (named.window, named.bucket, named.limit, named.explained) == ("minute", "tokens", 50000, True)
 
 
 @pytest.mark.parametrize(

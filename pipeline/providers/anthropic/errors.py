@@ -56,6 +56,8 @@ BUCKETS = ("requests", "tokens", "input-tokens", "output-tokens")
 """The `anthropic-ratelimit-{bucket}-{limit,remaining,reset}` families (rate-limits docs, "Response headers")."""
 
 _CREDIT = re.compile(r"credit balance is too low|purchase credits|billing", re.IGNORECASE)
+# "... would exceed the rate limit for your organization of 50,000 input tokens per minute"
+_NAMED_LIMIT = re.compile(r"\b(\d[\d,]*)\s+(?:input |output )?(?:requests?|tokens?)\s+per\s+", re.IGNORECASE)
 _NAMED_WINDOW = re.compile(r"\b(requests?|(?:input |output )?tokens?)\s+per\s+(second|minute|day)\b", re.IGNORECASE)
 MAX_WAIT_S = 86_400.0  # a reset further away than a day is not believed
 
@@ -133,12 +135,9 @@ def _rate_limit_error(message: str, headers: Mapping[str, str], kw: dict[str, An
         bucket = "requests" if exhausted[0] == "requests" else "tokens"
     if window is None and exhausted:
         window = "minute"  # every anthropic-ratelimit-* bucket is per minute (rate-limits docs)
-    error = RateLimitError(message, retry_after_s=retry_after_s(headers), **kw)
-    # The cause is set after construction: RateLimitError is being extended (window, bucket,
-    # exhausted replace `hinted`), and this way the error carries both while that lands.
-    error.window, error.bucket, error.limit, error.exhausted = window, bucket, None, bool(exhausted)
-    error.hinted = any(name.startswith("anthropic-ratelimit-") for name in lower)
-    return error
+    limit = int(found.group(1).replace(",", "")) if (found := _NAMED_LIMIT.search(message)) else None
+    return RateLimitError(message, retry_after_s=retry_after_s(headers), window=window, bucket=bucket,
+                          limit=limit if limit and limit <= 10**10 else None, exhausted=bool(exhausted), **kw)
 
 
 def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
