@@ -143,8 +143,8 @@ def test_hf_export_loads_as_an_imagefolder_with_captions(captioned, export, load
         assert item["text"] == row["caption"]
         assert (item["total_tokens"], item["model"]) == (row["total_tokens"], row["model"])
     if not into_input:
-        copied = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.suffix != ".jsonl"
-                        and p.is_file())
+        copied = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
+                        if p.suffix not in (".jsonl", ".md") and p.is_file())
         assert copied == OK_IMAGES  # the error image is not copied
 
 
@@ -344,3 +344,82 @@ def test_odd_keys_are_one_line_errors_never_a_crash(captioned, export, tmp_path)
     append_rows(out, _ok_row(out, "nul\x00byte.jpg", "x"))
     code, _, stderr = export(out, "--to", "txt", "--dest", tmp_path / "caps")
     assert code == 2 and "is not a path inside the input folder" in stderr and stderr.count("\n") == 1
+
+
+# --- the dataset card (README.md beside metadata.jsonl) --------------------------------------------
+
+
+def _card_figures(card: str) -> dict[str, str]:
+    """The "| figure | value |" rows of a card's Figures table."""
+    table = card.split("## Figures", 1)[1]
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    return {name.strip(): value.strip() for name, value in rows[1:]}
+
+
+def _card_yaml(card: str) -> dict:
+    import yaml  # PyYAML comes with datasets
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+@pytest.mark.parametrize("into_input", [True, False], ids=["card-in-input", "card-in-dest"])
+def test_hf_export_writes_a_dataset_card_whose_figures_are_the_reports(captioned, export, load_imagefolder, tmp_path,
+                                                                       into_input):
+    from pipeline import __version__
+    from pipeline.cost import format_usd
+    from pipeline.readers.report import report
+
+    folder, out = captioned
+    where = ["--input", folder] if into_input else ["--input", folder, "--dest", tmp_path / "ds", "--copy-images"]
+    code, stdout, stderr = export(out, "--to", "hf", *where)
+    assert code == 0, stderr
+    data_dir = folder if into_input else tmp_path / "ds"
+    card = (data_dir / "README.md").read_text(encoding="utf-8")
+    meta = _card_yaml(card)
+    assert meta["task_categories"] == ["image-to-text"] and meta["size_categories"] == ["n<1K"]
+    assert meta["license"] == "unknown" and "FILL IN" in card.splitlines()[1]  # the placeholder, flagged
+    rep = report(out)
+    figures = _card_figures(card)
+    expected = {"rows (ended attempts)": rep.rows, "images": rep.images, "prompt tokens": rep.prompt_tokens,
+                "completion tokens": rep.completion_tokens, "total tokens": rep.total_tokens,
+                "cached prompt tokens": rep.cached_tokens, "reasoning tokens": rep.reasoning_tokens,
+                **{f"rows with status {k}": n for k, n in rep.status_rows.items()},
+                **{f"error rows of kind {k}": n for k, n in rep.error_kind_rows.items()},
+                **{f"images whose latest row is {k}": n for k, n in rep.image_outcomes.items()}}
+    assert {k: int(figures[k].replace(",", "")) for k in expected} == expected
+    assert rep.error_kind_rows == {"bad_image": 1} and rep.status_rows == {"error": 1, "ok": 3}
+    assert figures["cost (USD, each row at its own mode's prices)"] == format_usd(rep.cost_usd)
+    job = json.loads((out / "_job.json").read_text())
+    for fact in (f"`local-caption` ({len(OK_IMAGES)} captions)", job["prompt"]["user"], job["fingerprint"],
+                 f'"max_side": {job["image"]["max_side"]}', '"max_tokens": 100', f"caption {__version__}",
+                 f"{rep.throughput.first:%Y-%m-%d %H:%M} to {rep.throughput.last:%Y-%m-%d %H:%M}"):
+        assert fact in card, fact
+    assert "(2 files)" in stdout if into_input else True
+    assert load_imagefolder(data_dir).num_rows == len(OK_IMAGES)  # the card does not disturb the loader
+
+
+def test_an_edited_card_is_never_overwritten_without_the_flag(captioned, export):
+    folder, out = captioned
+    assert export(out, "--to", "hf", "--input", folder)[0] == 0
+    (folder / "metadata.jsonl").unlink()
+    assert export(out, "--to", "hf", "--input", folder)[0] == 0  # an unedited card of ours is refreshed
+    (folder / "metadata.jsonl").unlink()
+    card = folder / "README.md"
+    edited = card.read_text(encoding="utf-8").replace("license: unknown", "license: cc-by-4.0")
+    card.write_text(edited, encoding="utf-8")
+    code, stdout, stderr = export(out, "--to", "hf", "--input", folder)
+    assert (code, stdout) == (2, "") and stderr.count("\n") == 1 and "card edited since" in stderr
+    assert card.read_text(encoding="utf-8") == edited and not (folder / "metadata.jsonl").exists()
+    assert export(out, "--to", "hf", "--input", folder, "--no-card")[0] == 0  # metadata only, card left be
+    assert card.read_text(encoding="utf-8") == edited
+    assert export(out, "--to", "hf", "--input", folder, "--overwrite")[0] == 0
+    assert "license: unknown" in card.read_text(encoding="utf-8")
+
+
+def test_a_readme_that_is_not_a_card_is_kept(captioned, export):
+    folder, out = captioned
+    (folder / "README.md").write_text("# my photos\n")
+    code, _, stderr = export(out, "--to", "hf", "--input", folder)
+    assert code == 2 and "did not write" in stderr and not (folder / "metadata.jsonl").exists()
+    assert (folder / "README.md").read_text() == "# my photos\n"

@@ -79,6 +79,8 @@ def _add_export(commands, common_flags: argparse.ArgumentParser) -> None:
                                                          "model,total_tokens (default for jsonl/csv: model and tokens)")
     export.add_argument("--copy-images", action="store_true",
                         help="txt and hf with --dest: copy the exported images under DIR too (a self-contained folder)")
+    export.add_argument("--no-card", action="store_true",
+                        help="hf: write metadata.jsonl only, not README.md (the dataset card)")
     export.add_argument("--caption-ext", default=".txt", metavar="EXT", help="sidecar extension for txt (default .txt)")
     export.set_defaults(handler=_cmd_export)
 
@@ -142,7 +144,7 @@ def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     columns = None if args.columns is None else tuple(c.strip() for c in args.columns.split(",") if c.strip())
     summary = export(ExportSettings(out=Path(args.out), to=args.to, dest=args.dest, input=args.input,
                                     overwrite=args.overwrite, columns=columns, copy_images=args.copy_images,
-                                    caption_ext=args.caption_ext))
+                                    caption_ext=args.caption_ext, card=not args.no_card))
     files = f" ({summary.files} files)" if summary.files > 1 else ""
     print(f"caption: exported {summary.exported} captions as {args.to} to {summary.target}{files}")
     if summary.errors:

@@ -1,4 +1,4 @@
-"""readers/export.py: an out folder's captions, written where they are used: sidecar .txt, HF imagefolder, JSONL, CSV, Parquet.
+"""readers/export.py: an out folder's captions, written where they are used: sidecar .txt, HF imagefolder (with its dataset card), JSONL, CSV, Parquet.
 
 A reader: it reads what `caption run` wrote (through `store.iter_latest_rows`) and never changes
 the out folder, sends nothing and decodes no image. Each image's latest row decides, by the
@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ from ..job import InputSettings
 from ..sources import ImageSource, open_source
 from ..sources.folder import key_path, unescape_key
 from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
+from .card import CARD_FILE, is_own_card, render_card
+from .report import Report, report
 
 __all__ = [
     "FORMATS",
@@ -68,6 +71,9 @@ HF_METADATA = "metadata.jsonl"
 columns, which become dataset features:
 https://huggingface.co/docs/datasets/image_dataset#imagefolder ("Image captioning" / metadata)."""
 
+MAX_CARD_BYTES = 1 << 20
+"""A README.md larger than this where the card goes is not read: it is not a card this tool wrote."""
+
 MAX_LISTED_ERRORS = 20
 """Images without an ok row beyond this many are counted, not listed."""
 
@@ -89,6 +95,7 @@ class ExportSettings:
     columns: tuple[str, ...] | None = None  # extra columns (hf, jsonl, csv); None: DEFAULT_COLUMNS
     copy_images: bool = False  # also copy each exported image under dest (txt, hf)
     caption_ext: str = ".txt"  # sidecar extension (txt)
+    card: bool = True  # hf: also write README.md, the dataset card (readers/card.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +215,8 @@ def _check_settings(settings: ExportSettings) -> None:
     if to in ("txt", "hf") and settings.dest is None and settings.input is None:
         raise JobError(f"--to {to} writes beside the images: name their folder with --input DIR "
                        f"(or give --dest DIR{' --copy-images' if to == 'hf' else ''})")
+    if to != "hf" and not settings.card:
+        raise JobError(f"--no-card applies to --to hf, not {to}")
     if to != "txt" and settings.caption_ext != ".txt":
         raise JobError(f"--caption-ext applies to --to txt, not {to}")
     if not re.fullmatch(r"\.[A-Za-z0-9_-]+", settings.caption_ext):
@@ -242,6 +251,8 @@ def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, l
         raise JobError(f"--input {settings.input}: {missing} of {exported} captioned images are not there "
                        f"(e.g. {first_missing}); is it the folder `caption run` captioned?")
     _refuse_overwrites([*targets, *_single_targets(settings)], settings.overwrite)
+    if settings.to == "hf" and settings.card:
+        _refuse_edited_card(_card_target(settings), settings.overwrite)
     return errors, listed, exported
 
 
@@ -285,6 +296,28 @@ def _single_target(settings: ExportSettings) -> Path:
     if settings.to == "hf":
         return _checked(root, root / HF_METADATA)
     return _checked(root, root / f"{settings.out.resolve().name}.{settings.to}")
+
+
+def _card_target(settings: ExportSettings) -> Path:
+    """README.md, the dataset card, beside metadata.jsonl (hf only)."""
+    root = _write_root(settings)
+    return _checked(root, root / CARD_FILE)
+
+
+def _refuse_edited_card(card: Path, overwrite: bool) -> None:
+    """JobError when a README.md where the card goes is not a card this tool wrote and nobody edited
+    since (its marker's hash, `card.is_own_card`), unless `overwrite`. An own, unedited card is
+    simply refreshed: its figures are the export's to keep current."""
+    if overwrite or not os.path.lexists(card):
+        return
+    try:
+        own = card.is_file() and card.stat().st_size <= MAX_CARD_BYTES and is_own_card(
+            card.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        own = False
+    if not own:
+        raise JobError(f"{card}: a README.md that caption did not write, or a card edited since; nothing "
+                       "written. Pass --overwrite to replace it, --no-card to leave it be, or choose another --dest")
 
 
 def _refuse_overwrites(targets: list[Path], overwrite: bool) -> None:
@@ -389,10 +422,12 @@ def _write_hf(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """metadata.jsonl for `datasets.load_dataset("imagefolder", data_dir=...)`: file_name, text, columns.
 
     `file_name` is the file's real name (the key's escapes undone). A name that is not UTF-8 cannot
-    be written in a JSON line: such images are left out, each named in a log line.
+    be written in a JSON line: such images are left out, each named in a log line. Then README.md,
+    the dataset card (`readers/card.py`), with `caption report`'s figures for the out folder.
     """
     target = _single_target(settings)
-    files = 1
+    figures = report(settings.out) if settings.card else None  # first: JobError for a folder without parts
+    files, lines = 1 + settings.card, 0
     with open_atomic(target, settings.overwrite) as handle:
         for image_path, line in _json_lines(settings, latest, "file_name", "text", _utf8_file_name):
             if line is None:
@@ -400,10 +435,22 @@ def _write_hf(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
                             "rename the file (and run again) to include it", HF_METADATA, image_path)
                 continue
             handle.write(line)
+            lines += 1
             if settings.copy_images:
                 files += _copy_images(settings, image_path,
                                       [_checked(settings.dest, _under(settings.dest, image_path))])
+    if figures is not None:
+        _write_card(settings, latest, figures, lines)
     return target, files
+
+
+def _write_card(settings: ExportSettings, latest: LatestRows, figures: Report, exported: int) -> None:
+    """README.md beside metadata.jsonl, unless a README.md there is not an unedited card of ours."""
+    models = Counter(row["model"] or "(none)" for row in _iter_ok_rows(settings, latest, ["model"]))
+    card = _card_target(settings)
+    _refuse_edited_card(card, settings.overwrite)  # again, just before its own write
+    with open_atomic(card, overwrite=True) as handle:
+        handle.write(render_card(settings.out, figures, exported, dict(models.most_common())))
 
 
 def _utf8_file_name(image_path: str) -> str | None:
