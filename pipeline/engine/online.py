@@ -37,7 +37,6 @@ import tqdm
 from tenacity import RetryCallState
 
 from .. import cost
-from .. import cost
 from ..errors import BadImageError, FatalError, InternalError, JobError, RateLimitError
 from ..job import Job, job_summary
 from .limits import Limiter
