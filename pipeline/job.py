@@ -92,10 +92,14 @@ class ImageSettings:
 @dataclass(frozen=True, slots=True)
 class InputSettings:
     """Which files under INPUT are read, and how much of each. Not part of the fingerprint: they
-    decide which files are captioned, not what a caption says."""
+    decide which files are captioned, not what a caption says (so an out folder that took a sample
+    takes the full run later, which skips what the sample did)."""
 
     follow_links: bool = False  # follow file and folder links that resolve outside INPUT (else: skipped, logged)
     max_file_mb: float = 256.0  # a larger file is refused from its size, unread: a bad_image row
+    sample: int | None = None  # only a deterministic random sample of this many images (sources/sample.py)
+    sample_seed: int = 0  # which sample: the same seed and folder pick the same images
+    limit: int | None = None  # only the first this many images, in walk order
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "TIFF", "BMP", "JPEG2000", "ICO", "PPM", "TGA")
@@ -338,6 +342,9 @@ _RANGES: list[tuple[str, float, float]] = [
     ("image.max_side", 16, 8192),
     ("image.quality", 1, 100),
     ("input.max_file_mb", 0.001, 1_000_000),
+    ("input.sample", 1, 2**62),
+    ("input.sample_seed", -(2**63), 2**63 - 1),  # blake2b takes it as an 8-byte key
+    ("input.limit", 1, 2**62),
     ("limits.concurrency", 1, 10_000),
     ("limits.rpm", 1, 100_000_000),
     ("limits.tpm", 1, 10_000_000_000),
@@ -365,6 +372,8 @@ def _check_ranges(job: Job) -> None:
         value = getattr(getattr(job, section), name)
         if value is not None and not low <= value <= high:
             raise JobError(f"{job.source}: [{section}] {name} = {value} is out of range ({low} to {high})")
+    if job.input.sample is not None and job.input.limit is not None:
+        raise JobError(f"{job.source}: [input] sample and limit pick the images two ways; give one of them")
     if not job.endpoint.model.strip():
         raise JobError(f"{job.source}: [endpoint] model must not be empty")
     url = job.endpoint.base_url
