@@ -2,7 +2,7 @@
 
 This package is the only place that prints and configures logging; it holds no product logic.
 `main` builds the top-level parser, asks each command module to add its subcommands (`run`:
-run, serve; `readers`: export, review, estimate, report; `batch`: the batch actions), and turns
+run, serve; `readers`: export, review, estimate, report; `compare`; `batch`: the batch actions), and turns
 what escapes a command into an exit code. Expected user errors are one line on stderr and exit
 code 2, before any request is sent; tracebacks appear only with --debug. Heavy modules are
 imported inside the commands, so `caption --help` stays fast.
@@ -16,7 +16,7 @@ import sys
 
 from .. import __version__
 from ..errors import CaptionError, JobError
-from . import batch, readers, run
+from . import batch, compare, readers, run
 from .common import EXIT_CODES, os_error_line
 from .logs import configure_logging, scrub
 
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     common_flags.add_argument("--debug", action="store_true", help="log everything and show tracebacks")
     common_flags.add_argument("-v", "--verbose", action="store_true", help="log each retry and error row")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (run, readers, batch):
+    for module in (run, readers, compare, batch):
         module.add_commands(commands, common_flags)
     return parser
 

@@ -29,6 +29,7 @@ exit codes:
 REVIEW_EXAMPLES = """examples:
   caption review out/ --input sample_data                     # -> out/_review.html
   caption review out/ --input sample_data --errors-first --html review.html
+  caption review cmp/demo cmp/demo_short --input sample_data  # side by side -> cmp/demo/_compare.html
   open the page at a view: out/_review.html#status=error&q=cat&sort=tokens-desc"""
 
 ESTIMATE_EXAMPLES = """examples:
@@ -92,9 +93,11 @@ def _add_review(commands, common_flags: argparse.ArgumentParser) -> None:
                     "with its caption, tokens, status and error; filter, search and sort in the page.",
         epilog=REVIEW_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    review.add_argument("out", metavar="OUT", help="out folder written by `caption run`")
+    review.add_argument("out", metavar="OUT", nargs="+",
+                        help="out folder written by `caption run`; several: one page, side by side")
     review.add_argument("--input", metavar="DIR", type=Path, help="the image folder, for thumbnails")
-    review.add_argument("--html", metavar="FILE", type=Path, help="where to write the page (default OUT/_review.html)")
+    review.add_argument("--html", metavar="FILE", type=Path,
+                        help="where to write the page (default OUT/_review.html; several: OUT_A/_compare.html)")
     review.add_argument("--errors-first", action="store_true", help="list error rows before the others")
     review.add_argument("--prices", metavar="FILE", help="a price file whose rows replace the bundled ones (for costs)")
     review.set_defaults(handler=_cmd_review)
@@ -158,12 +161,19 @@ def _cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_review(args: argparse.Namespace, argv: list[str]) -> int:
-    from ..readers.review import write_review
+    from ..readers.review import Variant, write_comparison, write_review
 
     from ..cost import load_prices
 
-    summary = write_review(Path(args.out), input_dir=args.input, html_path=args.html, errors_first=args.errors_first,
-                           prices=load_prices(args.prices))
+    if len(args.out) > 1:
+        names = [Path(out).resolve().name for out in args.out]
+        names = names if len(set(names)) == len(names) else args.out  # cmp/a and old/a: their paths
+        summary = write_comparison([Variant(name, Path(out)) for name, out in zip(names, args.out)],
+                                   input_dir=args.input, html_path=args.html, errors_first=args.errors_first,
+                                   prices=load_prices(args.prices))
+    else:
+        summary = write_review(Path(args.out[0]), input_dir=args.input, html_path=args.html,
+                               errors_first=args.errors_first, prices=load_prices(args.prices))
     print(f"caption: review page of {summary.images} images ({summary.ok} ok, {summary.errors} error, "
           f"{summary.thumbnails} thumbnails) in {summary.html}; open it in a browser")
     return 0

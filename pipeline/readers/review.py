@@ -17,6 +17,11 @@ memory holds one batch of thumbnails, not the folder's.
 
 The page state lives in the URL fragment, so a view can be bookmarked and tests can drive it without
 clicks: `_review.html#status=error&q=cat&sort=tokens-desc&errors=first&page=2&per=50`.
+
+Several out folders (`write_comparison`: `caption review A B`, `caption compare`) make the same page
+with one card per image and a column per folder (a variant: caption, tokens, cost, latency), a table
+of each variant's totals and, when given, its projected cost and time for the whole INPUT. Their rows
+are joined by key in memory (a comparison is of samples: memory grows with images x variants).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -45,13 +50,17 @@ from ..sources import ImageSource, Item, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
 from .export import run_input_settings
 
-__all__ = ["ReviewSummary", "write_review", "DEFAULT_HTML", "PAGE_SIZE"]
+__all__ = ["ReviewSummary", "Projection", "Variant", "write_review", "write_comparison", "DEFAULT_HTML",
+           "COMPARE_HTML", "PAGE_SIZE"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HTML = "_review.html"
 """Written into the out folder by default; the leading underscore keeps pyarrow, pandas, DuckDB and
 polars from taking it for a data file when they read the folder."""
+
+COMPARE_HTML = "_compare.html"
+"""A comparison page's default name, in the first out folder (beside its `_review.html`)."""
 
 PAGE_SIZE = 100
 """Cards rendered at once. 100 cards with their thumbnails render in a few milliseconds."""
@@ -70,6 +79,7 @@ GENERATOR = '<meta name="generator" content="caption review">'
 
 _ROW_COLUMNS = ["status", "caption", "error_kind", "error", "model", "finish_reason", "prompt_tokens",
                 "completion_tokens", "total_tokens", "cached_tokens", "mode", "width", "height"]
+_CELL_COLUMNS = [*_ROW_COLUMNS, "latency_ms"]
 _THUMB_SETTINGS = ImageSettings(max_side=THUMB_SIDE_PX, format="jpeg", quality=THUMB_QUALITY)
 
 
@@ -82,6 +92,24 @@ class ReviewSummary:
     ok: int
     errors: int
     thumbnails: int  # images shown with a thumbnail
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """What a variant would cost and take for the whole INPUT (from `readers.estimate`)."""
+
+    images: int  # images under INPUT
+    cost_usd: float | None  # None: the model has no price
+    time_s: float  # at the job's limits and the estimate's latency
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One out folder of a comparison page."""
+
+    name: str  # the column's heading
+    out: Path
+    projection: Projection | None = None
 
 
 def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | None = None,
@@ -115,18 +143,103 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
                          errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
 
 
+def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = None, html_path: Path | None = None,
+                     errors_first: bool = False, page_size: int = PAGE_SIZE,
+                     prices: cost.PriceTable | None = None) -> ReviewSummary:
+    """Write one page showing several out folders side by side (by default `<first>/_compare.html`).
+
+    Each image gets one card with a column per variant (its latest row there, or nothing when that
+    folder has none); the header has each variant's totals and projection. Raises JobError as
+    `write_review` does, and when two variants share a name.
+    """
+    names = [variant.name for variant in variants]
+    if len(set(names)) != len(names):
+        raise JobError(f"two out folders of the comparison have the same name: {', '.join(names)}")
+    for variant in variants:
+        check_out_folder(variant.out)
+    if input_dir is not None and not input_dir.is_dir():
+        raise JobError(f"--input {input_dir}: folder not found")
+    target = html_path or variants[0].out / COMPARE_HTML
+    _refuse_foreign_file(target)
+    prices = prices if prices is not None else load_prices()
+    cells = _joined_cells(variants, prices)
+    meta = {"title": "caption compare: " + ", ".join(names),
+            "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "page_size": page_size, "errors_first": errors_first, "thumbnails": input_dir is not None,
+            "variants": [_variant_totals(variant, i, cells) for i, variant in enumerate(variants)]}
+    source = open_source(input_dir, run_input_settings(variants[0].out)) if input_dir is not None else None
+    counts = {"images": 0, "ok": 0, "thumbnails": 0}
+    with open_atomic(target, overwrite=True) as handle:
+        handle.write(_HEAD.replace("{title}", html.escape(meta["title"])))
+        handle.write('<script type="application/json" id="review-data">{"meta":' + _script_json(meta) + ',"rows":[')
+        for number, (path, thumb) in enumerate(_thumbnailed(iter(cells), source, lambda path: path)):
+            row = _compared_row(path, cells[path], thumb)
+            counts["images"] += 1
+            counts["ok"] += row["status"] == "ok"
+            counts["thumbnails"] += thumb is not None
+            handle.write(("," if number else "") + "\n" + _script_json(row))
+        handle.write("\n]}</script>\n" + _TAIL)
+    return ReviewSummary(html=target, images=counts["images"], ok=counts["ok"],
+                         errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
+
+
+def _joined_cells(variants: Sequence[Variant], prices: cost.PriceTable) -> dict[str, list[dict | None]]:
+    """Key → one cell per variant (None where that out folder has no row for it), in first-seen order."""
+    cells: dict[str, list[dict | None]] = {}
+    for i, variant in enumerate(variants):
+        for row in iter_latest_rows(variant.out, _CELL_COLUMNS):
+            cell = _page_row(row, None, _row_cost(row, prices))
+            del cell["path"], cell["thumb"]
+            cell["ms"] = row["latency_ms"]
+            cells.setdefault(row["image_path"], [None] * len(variants))[i] = cell
+    return cells
+
+
+def _compared_row(path: str, cells: list[dict | None], thumb: str | None) -> dict[str, Any]:
+    """The page's object for one image of a comparison: ok only when every variant's row is ok."""
+    present = [cell for cell in cells if cell is not None]
+    return {"path": path, "thumb": thumb, "cells": cells,
+            "status": "ok" if None not in cells and all(cell["status"] == "ok" for cell in present) else "error",
+            "tokens": sum(cell["tokens"] or 0 for cell in present),
+            "usd": sum(cell["usd"] or 0 for cell in present)}
+
+
+def _variant_totals(variant: Variant, index: int, cells: dict[str, list[dict | None]]) -> dict[str, Any]:
+    """One variant's heading and totals for the page: images, ok, tokens, cost, latency, projection."""
+    mine = [row[index] for row in cells.values() if row[index] is not None]
+    latencies = sorted(cell["ms"] for cell in mine if cell["ms"] is not None)
+    priced = [cell["usd"] for cell in mine if cell["tokens"] is not None]
+    projection = variant.projection
+    return {"name": variant.name, "out": str(variant.out), "images": len(mine),
+            "ok": sum(cell["status"] == "ok" for cell in mine),
+            "models": sorted({cell["model"] for cell in mine if cell["model"]}),
+            "tokens": sum(cell["tokens"] or 0 for cell in mine),
+            "prompt": sum(cell["prompt"] or 0 for cell in mine),
+            "completion": sum(cell["completion"] or 0 for cell in mine),
+            "usd": None if any(usd is None for usd in priced) else sum(priced),
+            "ms_median": latencies[len(latencies) // 2] if latencies else None,
+            "ms_total": sum(latencies),
+            "projection": None if projection is None else {"images": projection.images,
+                                                           "usd": projection.cost_usd, "s": projection.time_s}}
+
+
 def _page_rows(rows: Iterator[dict[str, Any]], source: ImageSource | None, counts: dict[str, int],
                prices: cost.PriceTable) -> Iterator[dict]:
     """Yield the page's row objects, thumbnailing THUMB_BATCH images at a time in a thread pool."""
+    for row, thumb in _thumbnailed(rows, source, lambda row: row["image_path"]):
+        counts["images"] += 1
+        counts["ok"] += row["status"] == "ok"
+        counts["thumbnails"] += thumb is not None
+        yield _page_row(row, thumb, _row_cost(row, prices))
+
+
+def _thumbnailed(rows: Iterator[Any], source: ImageSource | None, key) -> Iterator[tuple[Any, str | None]]:
+    """Each row with its image's thumbnail (or None), THUMB_BATCH images at a time in a thread pool."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
         while batch := list(islice(rows, THUMB_BATCH)):
-            items = [source.open_by_key(row["image_path"]) if source else None for row in batch]
-            for row, thumb in zip(batch, pool.map(_thumbnail, items), strict=True):
-                counts["images"] += 1
-                counts["ok"] += row["status"] == "ok"
-                counts["thumbnails"] += thumb is not None
-                yield _page_row(row, thumb, _row_cost(row, prices))
+            items = [source.open_by_key(key(row)) if source else None for row in batch]
+            yield from zip(batch, pool.map(_thumbnail, items), strict=True)
 
 
 def _page_row(row: dict[str, Any], thumb: str | None, usd: float | None) -> dict[str, Any]:
@@ -225,6 +338,15 @@ main { padding: 16px 20px; }
 .card.error .badge { color: var(--err); }
 .flag { color: #8a5a00; }
 .err { color: var(--err); }
+#grid.compare { grid-template-columns: 1fr; }
+.cells { display: grid; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 10px; }
+.cell { border-left: 3px solid var(--ok); padding-left: 8px; min-width: 0; }
+.cell.error { border-left-color: var(--err); }
+.cell h2 { font-size: 13px; margin: 0 0 4px; }
+.none { color: var(--muted); }
+table.variants { border-collapse: collapse; margin: 0 0 8px; font-size: 12px; }
+table.variants th, table.variants td { border: 1px solid var(--line); padding: 2px 6px; text-align: right; }
+table.variants td:first-child, table.variants td:nth-child(2) { text-align: left; }
 """
 
 _SCRIPT = r"""
@@ -275,7 +397,9 @@ _SCRIPT = r"""
   function matches(row, q) {
     if (state.status !== "all" && row.status !== state.status) return false;
     if (!q) return true;
-    return [row.path, row.caption, row.kind, row.error].some(function (text) {
+    var texts = [row.path, row.caption, row.kind, row.error];
+    (row.cells || []).forEach(function (cell) { if (cell) texts.push(cell.caption, cell.kind, cell.error); });
+    return texts.some(function (text) {
       return typeof text === "string" && text.toLowerCase().indexOf(q) !== -1;
     });
   }
@@ -309,7 +433,76 @@ _SCRIPT = r"""
     return el("div", "thumb none", meta.thumbnails ? "no preview" : "");
   }
 
+  function metaLine(row) {
+    var line = el("p", "meta");
+    line.appendChild(el("span", "badge", row.status, "status"));
+    if (row.tokens !== null && row.tokens !== undefined) {
+      line.appendChild(el("span", "tokens", num(row.tokens) + " tokens (" + num(row.prompt) + " in, " +
+                                            num(row.completion) + " out)", "tokens"));
+      line.appendChild(el("span", "cost", usd(row.usd), "cost"));
+    }
+    return line;
+  }
+
+  function seconds(ms) { return ms === null || ms === undefined ? "?" : (ms / 1000).toFixed(2) + " s"; }
+
+  // A comparison: one column per variant, each with its caption, tokens, cost and latency.
+  function compareCard(row) {
+    var node = el("article", "card compare " + (row.status === "ok" ? "ok" : "error"));
+    node.setAttribute("data-path", row.path);
+    var body = el("div", "body");
+    body.appendChild(el("p", "path", row.path, "path"));
+    var columns = el("div", "cells");
+    row.cells.forEach(function (cell, i) {
+      var column = el("section", "cell" + (cell && cell.status !== "ok" ? " error" : ""));
+      column.setAttribute("data-variant", meta.variants[i].name);
+      column.appendChild(el("h2", "variant", meta.variants[i].name));
+      if (!cell) {
+        column.appendChild(el("p", "none", "no row in this out folder", "missing"));
+      } else {
+        if (cell.caption) column.appendChild(el("p", "caption", cell.caption, "caption"));
+        if (cell.status !== "ok") column.appendChild(el("p", "err", (cell.kind ? cell.kind + ": " : "") + (cell.error || ""), "error"));
+        var line = metaLine(cell);
+        line.appendChild(el("span", "latency", seconds(cell.ms), "latency"));
+        if (cell.model) line.appendChild(el("span", "model", cell.model, "model"));
+        column.appendChild(line);
+      }
+      columns.appendChild(column);
+    });
+    body.appendChild(columns);
+    node.appendChild(thumb(row));
+    node.appendChild(body);
+    return node;
+  }
+
+  function variantTable() {
+    var table = el("table", "variants");
+    var head = el("tr");
+    ["variant", "model", "images", "ok", "tokens", "cost", "latency p50", "latency sum",
+     "whole INPUT: images", "cost", "time"].forEach(function (h) { head.appendChild(el("th", null, h)); });
+    table.appendChild(head);
+    meta.variants.forEach(function (v) {
+      var tr = el("tr");
+      tr.setAttribute("data-variant", v.name);
+      var p = v.projection;
+      [[v.name, "name"], [v.models.join(", "), "model"], [num(v.images), "images"], [num(v.ok), "ok"],
+       [num(v.tokens), "tokens"], [usd(v.usd), "cost"], [seconds(v.ms_median), "latency"],
+       [seconds(v.ms_total), "latency-sum"], [p ? num(p.images) : "", "projected-images"],
+       [p ? usd(p.usd) : "", "projected-cost"], [p ? duration(p.s) : "", "projected-time"]
+      ].forEach(function (pair) { tr.appendChild(el("td", null, pair[0], pair[1])); });
+      table.appendChild(tr);
+    });
+    return table;
+  }
+
+  function duration(s) {
+    if (s < 90) return Math.round(s) + " s";
+    if (s < 5400) return Math.round(s / 60) + " min";
+    return (s / 3600).toFixed(1) + " h";
+  }
+
   function card(row) {
+    if (row.cells) return compareCard(row);
     var ok = row.status === "ok";
     var node = el("article", "card " + (ok ? "ok" : "error"));
     node.setAttribute("data-path", row.path);
@@ -334,6 +527,11 @@ _SCRIPT = r"""
   }
 
   function summary() {
+    if (meta.variants) {
+      var same = rows.filter(function (row) { return row.status === "ok"; }).length;
+      return num(rows.length) + " images · " + meta.variants.length + " variants · " + num(same) +
+             " ok in every variant · made " + meta.generated_at;
+    }
     var ok = 0, tokens = 0, dollars = 0, models = {};
     rows.forEach(function (row) {
       if (row.status === "ok") ok += 1;
@@ -385,6 +583,7 @@ _SCRIPT = r"""
   window.addEventListener("hashchange", function () { state = readState(); render(); });
 
   $("summary").textContent = summary();
+  if (meta.variants) { $("variants").appendChild(variantTable()); $("grid").className = "compare"; }
   render();
 })();
 """
@@ -396,7 +595,7 @@ _HEAD = (
     + _csp_hash(_STYLE) + "; script-src " + _csp_hash(_SCRIPT) + "; base-uri 'none'; form-action 'none'\">\n"
     + '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
     + "<title>{title}</title>\n<style>" + _STYLE + "</style>\n</head>\n<body>\n"
-    + "<header>\n<h1>{title}</h1>\n<p id=\"summary\"></p>\n<div class=\"controls\">\n"
+    + "<header>\n<h1>{title}</h1>\n<p id=\"summary\"></p>\n<div id=\"variants\"></div>\n<div class=\"controls\">\n"
     + '<label>Status <select id="status"><option value="all">all</option><option value="ok">ok</option>'
     + '<option value="error">error</option></select></label>\n'
     + '<input id="q" type="search" placeholder="Search path, caption, error" aria-label="Search">\n'
