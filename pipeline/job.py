@@ -63,7 +63,7 @@ class Endpoint:
     stream: bool = True  # SSE streaming with stream_options.include_usage
     headers: dict[str, str] = field(default_factory=dict)  # values may say ${ENV_VAR}
     mode: Literal["online", "batch"] = "online"  # batch: the Batch API (half price, results within a day)
-    api: Literal["openai", "anthropic"] = "openai"  # the wire protocol: chat completions or Anthropic Messages
+    api: Literal["openai", "anthropic", "gemini"] = "openai"  # the wire protocol: chat completions, Messages, Gemini
     anthropic_version: str = "2023-06-01"  # api = "anthropic": the anthropic-version header sent
 
 

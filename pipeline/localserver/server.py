@@ -26,6 +26,7 @@ from .core import Core, Observed
 from .limits import LimitSettings
 from .anthropic_batch import AnthropicBatches
 from .anthropic_messages import AnthropicMessages
+from .gemini_generate import GeminiGenerate
 from .openai_batch import OpenAIBatch
 from .openai_batch_state import BatchSeen
 from .openai_chat import OpenAIChat
@@ -134,7 +135,8 @@ class LocalServer:
         self._batch = OpenAIBatch(self._core)
         anthropic = AnthropicMessages(self._core)
         # each adds its routes to the app
-        self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic))
+        self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic),
+                           GeminiGenerate(self._core))
         self._life = _LoopThread(host, port, self._core, self._make_app)
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from .base import BatchBackend, BatchInfo, HttpRequest, LineResult, Provider, St
 __all__ = ["PROTOCOLS", "make_provider", "make_batch_backend", "Provider", "BatchBackend", "BatchInfo",
            "HttpRequest", "LineResult", "StreamParser"]
 
-PROTOCOLS = {"openai": "pipeline.providers.openai", "anthropic": "pipeline.providers.anthropic"}
+PROTOCOLS = {"openai": "pipeline.providers.openai", "anthropic": "pipeline.providers.anthropic",
+             "gemini": "pipeline.providers.gemini"}
 """Protocol name (the job's `[endpoint] api`) → its package."""
 
 
