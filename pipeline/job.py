@@ -87,6 +87,7 @@ class ImageSettings:
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = 85  # JPEG/WebP quality, 1-100
     detail: Literal["low", "high", "auto"] = "auto"
+    token_budget: int | None = None  # image tokens per image, by the model's formula: shrink until it fits
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,8 @@ class Job:
         }
         if self.prompt.language is None:
             del decisive["prompt"]["language"]  # fields added later leave older fingerprints as they were
+        if self.image.token_budget is None:
+            del decisive["image"]["token_budget"]
         if self.structured.format != "text":
             decisive["structured"] = dataclasses.asdict(self.structured)
         blob = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -341,6 +344,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("prompt.temperature", 0, 2),
     ("image.max_side", 16, 8192),
     ("image.quality", 1, 100),
+    ("image.token_budget", 1, 1_000_000),
     ("input.max_file_mb", 0.001, 1_000_000),
     ("input.sample", 1, 2**62),
     ("input.sample_seed", -(2**63), 2**63 - 1),  # blake2b takes it as an 8-byte key

@@ -1,5 +1,5 @@
 """cost: token and price arithmetic: `tokens.py` (image and text tokens by model family, usage
-estimates, percentiles) and `prices.py` (the price table and what tokens cost). No network; the
+estimates, percentiles), `sizing.py` (the size to send at: what the model keeps, a token budget) and `prices.py` (the price table and what tokens cost). No network; the
 only file read is a price table."""
 
 from .prices import (
@@ -12,6 +12,7 @@ from .prices import (
     load_prices,
     parse_price_table,
 )
+from .sizing import budget_side, kept_side, min_image_tokens, sent_side
 from .tokens import (
     FALLBACK_FORMULA,
     IMAGE_FORMULAS,
@@ -31,4 +32,5 @@ from .tokens import (
 __all__ = ["ImageFormula", "Price", "PriceTable", "TokenHistogram", "IMAGE_FORMULAS", "FALLBACK_FORMULA",
            "BUNDLED_PRICES", "PRICE_FILE_EXAMPLE", "image_formula", "image_tokens", "openai_tile_tokens",
            "openai_patch_count", "anthropic_image_tokens", "gemini_image_tokens", "qwen_image_tokens", "text_tokens",
-           "estimate_usage", "load_prices", "parse_price_table", "cost_usd", "format_usd"]
+           "estimate_usage", "load_prices", "parse_price_table", "cost_usd", "format_usd", "kept_side", "budget_side",
+           "sent_side", "min_image_tokens"]

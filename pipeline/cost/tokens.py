@@ -68,6 +68,7 @@ class ImageFormula:
     per_tile: int = 0  # tile: tokens per 512 px tile
     multiplier: float = 1.0  # patch: tokens per 32 px patch
     known: bool = True  # False for the fallback used for a model we have no rule for
+    caps: bool = True  # the server shrinks larger images before counting them (sizing.kept_side); not the bundled one
 
 
 def _tile(base: int, per_tile: int) -> ImageFormula:
@@ -104,8 +105,9 @@ IMAGE_FORMULAS: dict[str, ImageFormula] = {
     "qwen2.5-vl": _QWEN,
     "qwen3-vl": _QWEN,
     "qvq": _QWEN,
-    # The bundled endpoint reports usage by the OpenAI tile method (localserver._image_tokens).
-    "local-caption": _tile(85, 170),
+    # The bundled endpoint reports usage by the OpenAI tile method (localserver/openai_request.py
+    # image_tokens) but reads every pixel it is sent, so nothing is capped for it.
+    "local-caption": ImageFormula("tile", "OpenAI tile 85/170", base=85, per_tile=170, caps=False),
 }
 """Model-name prefix → image formula; the longest matching prefix wins (gpt-4.1-mini before gpt-4.1)."""
 

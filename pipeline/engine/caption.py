@@ -9,6 +9,7 @@ dedupe, shutdown) and the writing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
@@ -17,9 +18,9 @@ from typing import Any, Literal
 
 from tenacity import AsyncRetrying
 
-from .. import images
-from ..errors import BadImageError, BadOutputError, BadRequestError, CaptionError, FatalError
-from ..job import Job
+from .. import cost, images
+from ..errors import BadImageError, BadOutputError, BadRequestError, CaptionError, FatalError, JobError
+from ..job import ImageSettings, Job
 from ..providers import HttpRequest, Provider
 from ..records import ChatResult, Encoded, Result
 from ..sources import Item
@@ -48,6 +49,13 @@ class Captioner:
     provider: Provider
     mode: Literal["online", "batch"] = "online"
 
+    def __post_init__(self) -> None:
+        budget, detail = self.job.image.token_budget, self.job.image.detail
+        floor = cost.min_image_tokens(cost.image_formula(self.job.endpoint.model), detail)
+        if budget is not None and budget < floor:
+            raise JobError(f"{self.job.source}: [image] token_budget = {budget} is below the {floor} tokens the "
+                           f"smallest image costs for {self.job.endpoint.model} at detail {detail}; raise it")
+
     def prepare(self, item: Item) -> Encoded:
         """Read and encode one item (CPU-bound: run it off the event loop); raises BadImageError.
 
@@ -56,17 +64,25 @@ class Captioner:
         """
         try:
             with item.open() as handle:
-                images.probe_size(handle)
+                width, height = images.probe_size(handle)
             data = item.read()
         except OSError as err:
             raise BadImageError(f"cannot read file: {err.strerror or err}") from None
-        settings = self.provider.image_settings(self.job.image)  # within the protocol's per-image limits
+        settings = self.provider.image_settings(self._sized(width, height))  # within the protocol's per-image limits
         while True:
             encoded = images.encode_image(data, settings)
             smaller = self.provider.image_settings(settings, encoded)  # the same: it fits; else encode again
             if smaller == settings:
                 return encoded
             settings = smaller
+
+    def _sized(self, width: int, height: int) -> ImageSettings:
+        """The job's image settings for a `width` × `height` image: `max_side` capped at what the
+        model keeps and at the job's token budget (`cost.sent_side`)."""
+        image = self.job.image
+        side = cost.sent_side(cost.image_formula(self.job.endpoint.model), image.detail, width, height,
+                              image.max_side, image.token_budget)
+        return image if side >= image.max_side else dataclasses.replace(image, max_side=side)
 
     async def caption(self, key: str, encoded: Encoded, send: Send, retrying: AsyncRetrying) -> Result:
         """Ask for one image's caption, retrying as `retrying` says; return the row it ends as.

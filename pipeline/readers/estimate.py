@@ -2,7 +2,8 @@
 
 A reader of INPUT: it walks the source (`sources.open_source`), reads each file's header only
 (`images.probe_size`: Pillow opens lazily, so no pixel is decoded), applies the job's resize rule
-(`images.fit_within`) to know the size that would be sent, and sums tokens and prices with `cost`.
+(`cost.sent_side`: `max_side` capped at what the model keeps and at the token budget, then
+`images.fit_within`) to know the size that would be sent, and sums tokens and prices with `cost`.
 It sends no request and writes nothing. Memory stays flat however many images there are:
 per-image figures go into histograms of distinct values, never into lists.
 """
@@ -32,6 +33,10 @@ COMPARE_DETAILS = ("low", "high")
 COMPARE_MAX_SIDES = (512, 1024, 2048)
 """The settings grid of the comparison table, for the job's model and each of --models."""
 
+COMPARE_BUDGETS = (85, 256, 512, 1024, 2048)
+"""Token budgets ([image] token_budget) the comparison table also tries, at the job's detail and
+max_side, for the job's model and each of --models (a budget below the model's smallest image is left out)."""
+
 DEFAULT_LATENCY_S = 3.0
 """Assumed seconds per request for the time estimate: a short caption from a hosted vision model.
 Measure yours (`caption report` shows throughput) and pass --latency-s."""
@@ -48,6 +53,7 @@ class Scenario:
     model: str
     detail: str
     max_side: int
+    token_budget: int | None = None  # image tokens per image; None: no budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class Estimate:
     mode: Mode
     detail: str
     max_side: int
+    token_budget: int | None  # the job's [image] token_budget
     images: int  # files whose header was read
     errors: int  # image files that could not be read (not an image, unreadable, too large)
     error_examples: tuple[str, ...]  # "key: reason", the first ERROR_EXAMPLES of them
@@ -107,7 +114,7 @@ class Estimate:
         """The estimate as JSON-ready data, the whole run's figures at the top level."""
         return {
             "input": self.input, "model": self.model, "mode": self.mode, "detail": self.detail,
-            "max_side": self.max_side, "images": self.images, "errors": self.errors,
+            "max_side": self.max_side, "token_budget": self.token_budget, "images": self.images, "errors": self.errors,
             "error_examples": list(self.error_examples),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -135,8 +142,11 @@ class _Tally:
     text_tokens: int
     tokens: cost.TokenHistogram = field(default_factory=cost.TokenHistogram)
 
-    def add(self, sent: tuple[int, int]) -> None:
-        image = cost.image_tokens(self.formula, sent[0], sent[1], self.scenario.detail)
+    def add(self, width: int, height: int) -> None:
+        """Count one image of `width` × `height` px, sent as the scenario would send it."""
+        s = self.scenario
+        side = cost.sent_side(self.formula, s.detail, width, height, s.max_side, s.token_budget)
+        image = cost.image_tokens(self.formula, *images.fit_within(width, height, side), s.detail)
         self.tokens.add(image + self.text_tokens)
 
 
@@ -157,7 +167,7 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
         raise JobError(f"--latency-s must be > 0, not {latency_s}")
     prices = load_prices(job.cost.prices) if prices is None else prices
     text = cost.text_tokens((job.prompt.system or "") + job.prompt.user)
-    main = Scenario(job.endpoint.model, job.image.detail, job.image.max_side)
+    main = Scenario(job.endpoint.model, job.image.detail, job.image.max_side, job.image.token_budget)
     tallies = {s: _Tally(s, cost.image_formula(s.model), text) for s in _scenarios(main, models)}
     started = time.perf_counter()
     count, errors, examples = _walk(input_path, job, tallies.values())
@@ -168,6 +178,7 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
     time_s, limited_by = _time_at_limits(job.limits, count, main_tokens.total, job.prompt.max_tokens, latency_s)
     return Estimate(
         input=str(input_path), model=main.model, mode=mode, detail=main.detail, max_side=main.max_side,
+        token_budget=main.token_budget,
         images=count, errors=errors, error_examples=tuple(examples),
         formula=tallies[main].formula.family, formula_known=tallies[main].formula.known, text_tokens=text,
         prompt_tokens=main_tokens.total, per_image=main_tokens.summary(),
@@ -188,7 +199,9 @@ def _scenarios(main: Scenario, models: tuple[str, ...]) -> list[Scenario]:
     ordered: dict[Scenario, None] = {}
     for model in dict.fromkeys([main.model, *models]):
         grid = [Scenario(model, detail, side) for detail in COMPARE_DETAILS for side in COMPARE_MAX_SIDES]
-        own = Scenario(model, main.detail, main.max_side)
+        own = Scenario(model, main.detail, main.max_side, main.token_budget)
+        floor = cost.min_image_tokens(cost.image_formula(model), main.detail)
+        grid += [Scenario(model, main.detail, main.max_side, budget) for budget in COMPARE_BUDGETS if budget >= floor]
         for scenario in ([] if own in grid else [own]) + grid:
             ordered.setdefault(scenario, None)
     return list(ordered)
@@ -201,7 +214,6 @@ def _walk(input_path: str | Path, job: Job, tallies) -> tuple[int, int, list[str
     unreadable, as does one whose header Pillow cannot read.
     """
     tallies = list(tallies)
-    sides = sorted({t.scenario.max_side for t in tallies})
     count = errors = 0
     examples: list[str] = []
     for source in open_source(input_path, job.input).items():
@@ -215,9 +227,8 @@ def _walk(input_path: str | Path, job: Job, tallies) -> tuple[int, int, list[str
                 examples.append(f"{source.key}: {getattr(err, 'strerror', None) or err}")
             continue
         count += 1
-        sent = {side: images.fit_within(width, height, side) for side in sides}
         for tally in tallies:
-            tally.add(sent[tally.scenario.max_side])
+            tally.add(width, height)
     return count, errors, examples
 
 
@@ -259,7 +270,8 @@ def _price_dict(price: cost.Price | None) -> dict[str, Any] | None:
 
 def _scenario_dict(figures: ScenarioFigures) -> dict[str, Any]:
     return {"model": figures.scenario.model, "detail": figures.scenario.detail,
-            "max_side": figures.scenario.max_side, "formula": figures.formula,
+            "max_side": figures.scenario.max_side, "token_budget": figures.scenario.token_budget,
+            "formula": figures.formula,
             "prompt_tokens": figures.prompt_tokens, "prompt_tokens_per_image": figures.per_image,
             "cost_usd": figures.cost_usd, "is_job": figures.is_job}
 
@@ -277,8 +289,8 @@ def format_estimate(est: Estimate, *, as_json: bool = False) -> str:
         f"caption estimate: {est.images:,} images under {est.input}"
         + (f" ({est.errors:,} unreadable)" if est.errors else "")
         + f"; headers read at {rate:,.0f} images/s; nothing was sent",
-        f"model {est.model} (image tokens: {est.formula}), detail {est.detail}, max_side {est.max_side}, "
-        f"{est.mode} prices",
+        f"model {est.model} (image tokens: {est.formula}), detail {est.detail}, max_side {est.max_side}"
+        + (f", token_budget {est.token_budget:,}" if est.token_budget is not None else "") + f", {est.mode} prices",
         f"prompt tokens: {est.prompt_tokens:,}; per image p50 {p['p50']:,}, p90 {p['p90']:,}, max {p['max']:,} "
         f"(text {est.text_tokens:,} of each)",
         f"completion tokens: {est.completion_tokens:,} ({est.completion_tokens_per_image:,} per image from "
@@ -319,12 +331,13 @@ def _time_line(est: Estimate) -> str:
 
 
 def _comparison_table(rows: tuple[ScenarioFigures, ...]) -> list[str]:
-    header = ("", "model", "detail", "max_side", "tokens/image", "p90", "prompt tokens", "cost")
+    header = ("", "model", "detail", "max_side", "budget", "tokens/image", "p90", "prompt tokens", "cost")
     body = [("*" if f.is_job else "", f.scenario.model, f.scenario.detail, str(f.scenario.max_side),
+             "-" if f.scenario.token_budget is None else f"{f.scenario.token_budget:,}",
              f"{f.per_image['mean']:,.0f}", f"{f.per_image['p90']:,}", f"{f.prompt_tokens:,}",
              "unknown" if f.cost_usd is None else cost.format_usd(f.cost_usd)) for f in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    numeric = {3, 4, 5, 6, 7}
+    numeric = {3, 4, 5, 6, 7, 8}
     out = []
     for row in [header, *body]:
         cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
