@@ -341,3 +341,19 @@ def test_bad_price_file_for_report_is_exit_2(out, cli, tmp_path):
     bad.write_text('[models."x"]\ninput = "free"\n')
     code, _, stderr = cli("report", out, "--prices", bad)
     assert code == 2 and "bad.toml" in stderr
+
+
+@pytest.mark.parametrize("scale, said", [(1.0, False), (0.05, True), (2.0, True)], ids=["alike", "less", "more"])
+def test_report_says_when_the_server_counted_image_tokens_differently(server, cli, folder, tmp_path, scale, said):
+    # The bundled endpoint counts image tokens by the gpt-4o tile rule; local-caption's formula is the
+    # same rule, so a scale of 1 agrees and any other scale is a server counting its own way (issue 14).
+    server.set_image_token_scale(scale)
+    out = tmp_path / "out"
+    flags = ["--detail", "high", "--max-side", "1024"]  # images of several tiles: the image part dominates
+    assert cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url, "--no-progress",
+               *flags).code == 0
+    rep = report(out)
+    (ratio,) = rep.server_count_ratio.values()
+    assert (ratio < 0.8 or ratio > 1.25) is said and (scale < 1) == (ratio < 0.9) and (scale > 1) == (ratio > 1.1)
+    text = cli("report", out).out
+    assert ("the server counted local-caption's prompt tokens at" in text) is said

@@ -5,6 +5,8 @@ gateways that end a dropped upstream "cleanly". Each is a tiny aiohttp app on lo
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from PIL import Image
 
 from conftest import copy_samples, distinct_copies, read_rows
 from pipeline.providers.http import MAX_ANSWER_BYTES
@@ -279,12 +282,22 @@ def test_an_empty_caption_with_stop_is_transient_and_gets_every_attempt(hostile,
     assert row["caption"] == "A red brick wall." and row["attempts"] == 3
 
 
+def _sent_is_square(body: dict) -> bool:
+    """Whether the image a chat request carries is square (the brick wall) rather than 3:2 (the cup)."""
+    url = body["messages"][-1]["content"][-1]["image_url"]["url"]
+    width, height = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+    return width == height
+
+
 def test_answers_under_min_chars_are_asked_again_then_kept_and_flagged(hostile, run, tmp_path):
-    folder = distinct_copies(tmp_path / "in", "brick_wall_grey.jpg", ["a_short.jpg", "b_fine.jpg"])
-    answers = iter(["Close-up", "A", "Close", "A red brick wall in daylight."])
+    # Which image a request is for is read from the image it carries, not from the order requests
+    # arrive in: a retry's backoff frees the slot, so the other image may go in between.
+    folder = copy_samples(tmp_path / "in", {"a_short.jpg": "brick_wall_grey.jpg", "b_fine.jpg": "coffee_cup.jpg"})
+    short_answers = iter(["Close-up", "A", "Close"])
 
     async def short(request, n):
-        return web.json_response(completion(next(answers)))
+        square = _sent_is_square(hostile.requests[n - 1])
+        return web.json_response(completion(next(short_answers) if square else "A red brick wall in daylight."))
 
     hostile.handler = short
     ran = run(folder, limits_max_attempts=3, output_min_chars=12)

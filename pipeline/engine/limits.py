@@ -16,8 +16,9 @@ Owns the gates that every request passes, in one FIFO line, before it is sent, i
   the server counts at arrival, after us). A request reserves its tokens before it goes and settles
   with the real count after. And one shared pause: the first 429 that names a wait sets it, every
   worker waits on the same clock (plus a little jitter), so a burst of 429s costs one pause.
-- `TokenCalibration`: how the server counts a request's tokens against the published formula, per
-  model, learnt from the prompt tokens each answer reports; reservations follow it.
+- `TokenCalibration` (calibration.py): how the server counts a request's tokens against the
+  published formula, per model, learnt from the prompt tokens each answer reports; reservations
+  follow it.
 
 `Limiter` composes them for the online driver: the FIFO line (asyncio), where the first waiter
 sleeps until it may go or until the budget changes (a settled request, corrected headers, a new
@@ -35,16 +36,15 @@ import asyncio
 import logging
 import math
 import random
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from ..errors import RateLimitError
 from ..records import RateInfo
+from .calibration import MAX_USED_TOKENS, TokenCalibration
 
-__all__ = ["AdaptiveConcurrency", "Limiter", "LocalRateBudget", "Permit", "RateBudget", "TokenBucket",
-           "TokenCalibration"]
+__all__ = ["AdaptiveConcurrency", "Limiter", "LocalRateBudget", "Permit", "RateBudget", "TokenBucket"]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,6 @@ MAX_JITTER_S = 1.0
 ROOM_FRACTION = 0.1
 """A budget has room when every bucket holds at least this share of its capacity."""
 MINUTE_S, SECOND_S = 60.0, 1.0  # the windows a limit counts over
-CALIBRATION_WINDOW = 31
-"""Answers whose median ratio (reported / formula) scales the next reservations."""
-CALIBRATION_MIN_SAMPLES = 3
-"""Below this many answers the calibration may raise reservations, never lower them."""
-MIN_RATIO, MAX_RATIO = 0.01, 100.0
-"""A server's count is believed between these multiples of the formula's."""
-MIN_VARIABLE_TOKENS = 16
-"""Requests whose formula part (images) is smaller than this teach the calibration nothing."""
-MAX_USED_TOKENS = 100_000_000
-"""A reported count above this (or negative) is not believed."""
 
 
 class TokenBucket:
@@ -268,59 +258,6 @@ def _follow(bucket: TokenBucket | None, fixed: bool, limit: int | None, remainin
     return bucket
 
 
-class TokenCalibration:
-    """How the server counts a request's tokens compared with the published formula, per model.
-
-    A reservation has a fixed part (text + `max_tokens`, counted alike everywhere) and a variable
-    part (the images, by the model's published formula). Relays, gateways, self-hosted servers and
-    providers under another name count images their own way, so the ratio of what the server
-    reported for the variable part to what the formula said scales the variable part of the next
-    reservations: the median of the last CALIBRATION_WINDOW answers (a few odd ones do not move
-    it), starting from the formula (1.0). Until CALIBRATION_MIN_SAMPLES answers it may only raise
-    reservations. A reservation is never below its fixed part. Plain arithmetic, no clock.
-    """
-
-    def __init__(self, window: int = CALIBRATION_WINDOW):
-        self._window = window
-        self._samples: dict[str, deque[float]] = {}
-        self._told: set[str] = set()  # models whose different count was logged
-
-    def ratio(self, model: str) -> float:
-        """The server's count over the formula's, for the variable part; 1.0 while nothing is known."""
-        samples = self._samples.get(model)
-        if not samples:
-            return 1.0
-        median = statistics.median(samples)
-        return median if len(samples) >= CALIBRATION_MIN_SAMPLES else max(1.0, median)
-
-    def known(self, model: str) -> bool:
-        """True once enough answers for `model` have said how the server counts (CALIBRATION_MIN_SAMPLES)."""
-        return len(self._samples.get(model, ())) >= CALIBRATION_MIN_SAMPLES
-
-    def reserve(self, model: str, estimate: int, fixed: int) -> int:
-        """Tokens to reserve for a request the formula puts at `estimate`, `fixed` of them text + output."""
-        fixed = max(0, min(fixed, estimate))
-        return fixed + math.ceil((estimate - fixed) * self.ratio(model))
-
-    def observe(self, model: str, estimate: int, fixed: int, used: int) -> None:
-        """A request the formula put at `estimate` (`fixed` of it text + output) was counted `used`.
-
-        Ignored when the formula part is too small to learn from or `used` is not a sane count.
-        """
-        variable = estimate - fixed
-        if variable < MIN_VARIABLE_TOKENS or isinstance(used, bool) or not isinstance(used, int):
-            return
-        if not 0 <= used <= MAX_USED_TOKENS:
-            return
-        samples = self._samples.setdefault(model, deque(maxlen=self._window))
-        samples.append(min(MAX_RATIO, max(MIN_RATIO, (used - fixed) / variable)))
-        ratio = self.ratio(model)
-        if len(samples) >= CALIBRATION_MIN_SAMPLES and model not in self._told and not 0.8 <= ratio <= 1.25:
-            self._told.add(model)
-            log.info("the server counts %s's image tokens at %.3g× the published formula; reserving that", model,
-                     ratio)
-
-
 @dataclass(slots=True)
 class Permit:
     """One request's place: its order, when it went, the tokens it reserved and how they were estimated."""
@@ -381,15 +318,20 @@ class AdaptiveConcurrency:
         """A concurrency cap's 429 for `permit` (still in flight), seen at `now`: lower the limit, end slow start.
 
         The server was holding the requests sent before this one and still in flight, and
-        refused one more: that count is its cap. A 429 for a request sent before the last
-        decrease belongs to the same event and cannot push the limit further than that count.
-        A probe that finds the same cap as the last event waits twice as long before the next.
+        refused one more: that count is its cap, and the limit goes to it (issue 14: "lower the
+        in-flight limit to what the server was holding"). Only when that count explains nothing
+        (none older in flight, or no fewer than the limit already allows) is the limit cut by
+        DECREASE_FACTOR. A 429 for a request sent before the last decrease belongs to the same
+        event and cannot push the limit further than that count. A probe that finds the same cap
+        as the last event waits twice as long before the next.
         """
         older = sum(1 for seq in self._permits if seq < permit.seq)
+        explained = 0 < older < self.limit
         target = float(older) if older else self.limit * DECREASE_FACTOR
         new_event = permit.sent_at >= self._last_decrease
         if new_event:
-            target = min(target, self.limit * DECREASE_FACTOR)
+            if not explained:
+                target = min(target, self.limit * DECREASE_FACTOR)
             self._last_decrease = now
         new = max(1.0, min(self.limit, math.floor(target)))
         if new_event:
@@ -421,6 +363,7 @@ class Limiter:
         self.concurrency = AdaptiveConcurrency(concurrency)
         self.calibration = TokenCalibration()
         self._backoff_base_s = backoff_base_s
+        self._max_own_wait_s = max_pause_s  # a refused request's own wait is capped like a pause
         self._strikes = 0  # 429s since the last success
         self._gate = asyncio.Lock()  # FIFO: one waiter at a time checks the gates
         self._changed = asyncio.Event()  # set whenever the waiter at the gate may go sooner
@@ -503,23 +446,30 @@ class Limiter:
         self.concurrency.on_success()
         self._changed.set()
 
-    def on_rate_limited(self, permit: Permit, err: RateLimitError) -> None:
-        """A 429 for `permit`: pause everyone for the server's wait; lower concurrency if it is a cap.
+    def on_rate_limited(self, permit: Permit, err: RateLimitError) -> float:
+        """A 429 for `permit`: pause everyone for the server's wait, or lower concurrency if it is a cap.
 
         A 429 that a rate bucket explains (`err.explained`: its message names a window, or a header
-        says a bucket is empty) only pauses, with backoff when it names no wait, and teaches a
-        per-second limit it names. One that nothing explains while the budget has room (or there is
+        says a bucket is empty) pauses every sender, with backoff when it names no wait, and teaches
+        a per-second limit it names. One that nothing explains while the budget has room (or there is
         none) is a cap on requests in flight, whatever its headers: the in-flight limit falls to what
-        the server was holding, and its wait, if it names one, is still honoured. Several such 429s
-        in a row without a wait also pause, with backoff.
+        the server was holding, and its wait, if it names one, is honoured by the refused request
+        alone; the requests the server is holding were not refused, and the ones after them are kept
+        out by the lowered limit. Several such 429s in a row without a wait also pause, with backoff.
+
+        Returns the seconds the refused request should wait before it is sent again (0.0 when the
+        wait, if any, is the shared pause every request already waits for).
         """
         now = time.monotonic()
         self.rate_limited += 1
         self._strikes += 1
         capped = not err.explained and self.budget.has_room(now)
+        own_wait = 0.0
         if err.window == "second" and err.bucket is not None:
             self._learn_per_second(permit, err.bucket, err.limit, now)
-        if err.retry_after_s is not None:
+        if err.retry_after_s is not None and capped:
+            own_wait = min(err.retry_after_s, self._max_own_wait_s)
+        elif err.retry_after_s is not None:
             self.budget.pause(err.retry_after_s, "the server's retry-after", now)
         elif not capped or self._strikes >= BARE_STRIKES_BEFORE_PAUSE:
             wait = self._backoff_base_s * 2 ** min(self._strikes - 1, 16) * self._random.uniform(0.5, 1.0)
@@ -527,6 +477,7 @@ class Limiter:
         if capped:
             self.concurrency.on_concurrency_429(permit, now)
         self._changed.set()
+        return own_wait
 
     def _learn_per_second(self, permit: Permit, bucket: str, limit: int | None, now: float) -> None:
         """A 429 named a per-second window: its limit, else what went in the second before this request."""

@@ -303,16 +303,18 @@ class _Gate:
         or while this request waits for its turn.
         """
         permit = await self._acquire_unless_stopped(tokens)
-        used = None
+        used, own_wait = None, 0.0
         try:
             chat = await self.transport.send(self.provider, request)
             if chat.usage is not None and chat.usage.source == "reported":
                 used = chat.usage.prompt_tokens + self.max_tokens
         except RateLimitError as err:
-            self.limiter.on_rate_limited(permit, err)
+            own_wait = self.limiter.on_rate_limited(permit, err)
             raise
         finally:
             self.limiter.release(permit, used_tokens=used)
+            if own_wait:  # a concurrency cap refused this one request: it waits, its slot already free
+                await self.sleep_unless_stopped(own_wait)
         self.limiter.on_success()
         return chat
 

@@ -26,15 +26,18 @@ from .. import cost
 from ..cost import load_prices
 from ..errors import JobError
 from ..sources import open_source
-from ..store import HashSet, LatestRows, iter_rows, key_hash
+from ..store import JOB_FILE, HashSet, LatestRows, iter_rows, key_hash
 
 __all__ = ["Spend", "Throughput", "Leftover", "Report", "report", "format_report"]
 
 COLUMNS = ["image_path", "status", "error_kind", "model", "mode", "prompt_tokens", "completion_tokens",
-           "total_tokens", "cached_tokens", "reasoning_tokens", "usage_source", "created_at"]
+           "total_tokens", "cached_tokens", "reasoning_tokens", "usage_source", "created_at", "dedup_of",
+           "sent_width", "sent_height"]
 """The store columns a report reads (Parquet reads only these)."""
 
 NO_MODEL = "(no model)"  # rows that never reached a server (bad_image) have no model
+COUNTED_ALIKE = (0.8, 1.25)
+"""A server whose prompt-token counts stay within these multiples of the formula's counts as the formula does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class Report:
     throughput: Throughput
     leftover: Leftover | None
     pending_journals: int  # journal segments not yet in a part (a run in progress, or crashed)
+    server_count_ratio: dict[str, float] = field(default_factory=dict)  # model → reported / formula prompt tokens
 
     @property
     def cost_usd(self) -> float:
@@ -169,6 +173,7 @@ class Report:
             "throughput": _throughput_dict(self.throughput),
             "left": None if self.leftover is None else _leftover_dict(self.leftover),
             "pending_journals": self.pending_journals,
+            "server_count_ratio": self.server_count_ratio,
         }
 
 
@@ -188,6 +193,39 @@ class _Sums:
 
 
 @dataclass(slots=True)
+class _FormulaCheck:
+    """Reported prompt tokens against the published formula's count for the same sent images, per model:
+    relays and self-hosted servers count image tokens their own way (issue 14). Costs here use the
+    server's counts; `caption estimate` uses the formula, and this ratio says how far apart they are."""
+
+    prompt_text: str  # what the job's prompt counts as text (system + user), as the rows' estimates count it
+    detail: str
+    sums: dict[str, list[int]] = field(default_factory=dict)  # model → [reported, formula]
+
+    @classmethod
+    def of_out(cls, out: Path) -> _FormulaCheck | None:
+        try:
+            job = json.loads((out / JOB_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        prompt, image = job.get("prompt") or {}, job.get("image") or {}
+        return cls((prompt.get("system") or "") + (prompt.get("user") or ""), image.get("detail") or "auto")
+
+    def add(self, row: dict[str, Any]) -> None:
+        width, height, model = row["sent_width"], row["sent_height"], row["model"]
+        if row["status"] != "ok" or row["usage_source"] != "reported" or row["dedup_of"] or not width or not height:
+            return
+        formula = cost.estimate_usage(width, height, self.detail, self.prompt_text, "", model=model or "")
+        pair = self.sums.setdefault(model or NO_MODEL, [0, 0])
+        pair[0] += row["prompt_tokens"] or 0
+        pair[1] += formula.prompt_tokens
+
+    def ratios(self) -> dict[str, float]:
+        return {model: round(reported / formula, 4) for model, (reported, formula) in sorted(self.sums.items())
+                if formula}
+
+
+@dataclass(slots=True)
 class _Tally:
     """Everything a report accumulates while it streams the rows (memory: a few counters per model
     and mode, histograms of distinct values, 8 bytes per image whose latest row is ok)."""
@@ -201,6 +239,7 @@ class _Tally:
     ok_keys: array.array = field(default_factory=lambda: array.array("Q"))  # key hashes of latest-ok images
     minutes: Counter = field(default_factory=Counter)  # Unix minute → rows
     position: int = 0  # of the next row, across the parts
+    check: _FormulaCheck | None = None  # reported prompt tokens against the formula's, when the job is known
 
     def add_batch(self, batch: dict[str, list]) -> None:
         for row in zip(*(batch[c] for c in COLUMNS)):
@@ -226,16 +265,20 @@ class _Tally:
             self.error_kinds[outcome] += 1
         if self.latest.is_latest(self.position):
             self._add_latest(row, outcome, prompt, completion)
+        if self.check is not None:
+            self.check.add(row)
         self.position += 1
         if row["created_at"] is not None:
             self.minutes[int(row["created_at"].timestamp()) // 60] += 1
 
     def _add_latest(self, row: dict[str, Any], outcome: str, prompt: int, completion: int) -> None:
         self.outcomes[outcome] += 1
-        if outcome == "ok":
+        if outcome == "ok" and not row["dedup_of"]:  # a copy's zero tokens say nothing of what an image costs
+
             self.hists["prompt"].add(prompt)
             self.hists["completion"].add(completion)
             self.hists["total"].add(prompt + completion)
+        if outcome == "ok":
             self.ok_keys.append(key_hash(row["image_path"]))
 
 
@@ -257,7 +300,7 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
     if input_dir is not None and not Path(input_dir).exists():
         raise JobError(f"{input_dir}: input folder not found")
     prices = load_prices(prices_file) if prices is None else prices
-    tally = _Tally(LatestRows.read(out))
+    tally = _Tally(LatestRows.read(out), check=_FormulaCheck.of_out(out))
     for batch in iter_rows(out, columns=COLUMNS):
         tally.add_batch(batch)
     spend = tuple(_spend(model, mode, sums, prices) for (model, mode), sums in _by_model_mode(tally).items())
@@ -277,6 +320,7 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
         throughput=_throughput(tally.minutes),
         leftover=None if input_dir is None else _leftover(input_dir, tally, ok_images, per_image, prices),
         pending_journals=journals,
+        server_count_ratio=tally.check.ratios() if tally.check is not None else {},
     )
 
 
@@ -352,7 +396,7 @@ def _leftover(input_dir: str | Path, tally: _Tally, ok_images: int, per_image: d
         images += 1
         left += key_hash(item.key) not in done
     ok_groups = [(key, s) for key, s in tally.groups.items() if key[2] == "ok"]
-    ok_rows = sum(s.rows for _, s in ok_groups)
+    ok_rows = sum(s.rows_with_tokens for _, s in ok_groups)  # copies of identical files cost nothing
     ok_cost = _priced_sum(ok_groups, prices)
     return Leftover(input=str(input_dir), images=images, left=left, tokens_per_image=per_image["total"]["mean"],
                     cost_per_image_usd=None if ok_cost is None or not ok_rows else ok_cost / ok_rows)
@@ -402,6 +446,10 @@ def format_report(rep: Report, *, as_json: bool = False) -> str:
     ]
     if rep.leftover is not None:
         lines.append(_leftover_line(rep.leftover))
+    lines += [f"note: the server counted {model}'s prompt tokens at {ratio:.3g}× the published formula "
+              "(costs here use its counts; `caption estimate` uses the formula)"
+              for model, ratio in rep.server_count_ratio.items()
+              if not COUNTED_ALIKE[0] <= ratio <= COUNTED_ALIKE[1]]
     if rep.pending_journals:
         lines.append(f"note: {rep.pending_journals} journal segment(s) not yet in a part are not counted "
                      "(a run is in progress, or crashed; the next run converts them)")
