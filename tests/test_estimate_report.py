@@ -357,3 +357,21 @@ def test_report_says_when_the_server_counted_image_tokens_differently(server, cl
     assert (ratio < 0.8 or ratio > 1.25) is said and (scale < 1) == (ratio < 0.9) and (scale > 1) == (ratio > 1.1)
     text = cli("report", out).out
     assert ("the server counted local-caption's prompt tokens at" in text) is said
+
+
+def test_copies_of_identical_files_do_not_pull_down_the_per_image_figures(server, cli, tmp_path):
+    # Issue 10, item 18: a copy costs 0 tokens; counting it as an image made the mean and the
+    # projection of what is left look cheaper than any image that was sent.
+    folder = copy_samples(tmp_path / "in", {"a.jpg": "coffee_cup.jpg", "b.jpg": "coffee_cup.jpg",
+                                            "c.jpg": "chelsea_the_cat.jpg"})
+    out = tmp_path / "out"
+    assert cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url,
+               "--no-progress").code == 0
+    rows = pq.read_table(out).to_pylist()
+    sent = [r["total_tokens"] for r in rows if not r["dedup_of"]]
+    assert len(sent) == 2 and len(rows) == 3
+    copy_samples(tmp_path / "in", {"d.jpg": "brick_wall_grey.jpg"})  # one image still to do
+    rep = report(out, input_dir=folder)
+    assert rep.per_image["total"]["mean"] == pytest.approx(sum(sent) / 2, abs=0.05)
+    assert rep.image_outcomes == {"ok": 3} and rep.leftover.left == 1
+    assert rep.leftover.tokens_per_image == pytest.approx(sum(sent) / 2, abs=0.05)
