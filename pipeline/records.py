@@ -27,6 +27,7 @@ class Encoded:
     sent_height: int
     mime: str  # "image/jpeg" | "image/webp" | "image/png"
     data: bytes  # the encoded image we send
+    dhash: int | None = None  # difference hash of the sent pixels, as a signed int64; only for near dedupe
 
     @property
     def sent_bytes(self) -> int:
@@ -86,6 +87,7 @@ class Result:
     sent_width: int | None = None
     sent_height: int | None = None
     sent_bytes: int | None = None
+    dhash: int | None = None  # near dedupe: the sent image's difference hash (64 bits as a signed int64)
     model: str | None = None
     caption: str | None = None
     finish_reason: str | None = None
@@ -102,6 +104,7 @@ class Result:
     latency_ms: int | None = None
     request_id: str | None = None
     dedup_of: str | None = None  # for a copy of an image already sent: the image_path that was sent
+    dedup_distance: int | None = None  # near copies: bits its dhash differs from the original's (exact: None)
     fields: str | None = None  # structured jobs: the answer's JSON object, checked against the schema
     flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "under_min_chars", "length", "usage_rejected"
 
@@ -127,6 +130,7 @@ class RunSummary:
     interrupted: bool = False
     error_kinds: dict[str, int] = field(default_factory=dict)
     dedup_copies: int = 0  # ok rows that copied an identical file's answer (no request, no tokens)
+    near_copies: int = 0  # ...of which copied a near-identical picture's answer ([dedupe] near)
     failed: list[str] = field(default_factory=list)  # the first MAX_NAMED_FAILURES images that ended as errors
     skipped_files: dict[str, int] = field(default_factory=dict)  # passed over by the walk, by reason (not images, ...)
 
@@ -146,6 +150,7 @@ class RunSummary:
             self.prompt_tokens += row.prompt_tokens or 0
             self.completion_tokens += row.completion_tokens or 0
             self.dedup_copies += row.dedup_of is not None
+            self.near_copies += row.dedup_distance is not None
         else:
             self.errors += 1
             self.error_kinds[row.error_kind] = self.error_kinds.get(row.error_kind, 0) + 1

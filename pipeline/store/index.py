@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .layout import parts, unreadable_part
 
-__all__ = ["key_hash", "HashSet", "LatestRows", "iter_rows", "iter_latest_rows", "resume_index"]
+__all__ = ["key_hash", "HashSet", "LatestRows", "iter_rows", "iter_latest_rows", "resume_index", "original_dhashes"]
 
 INDEX_BATCH = 8192  # rows per batch when an index is read: a small, fixed transient
 
@@ -148,3 +148,18 @@ def resume_index(out: Path, fingerprint: str) -> tuple[HashSet, HashSet]:
     latest = LatestRows.of_hashes(keys)
     done = HashSet.of(h for i, (h, ok) in enumerate(zip(keys, oks)) if ok and latest.is_latest(i))
     return done, HashSet.of(shas)
+
+
+def original_dhashes(out: Path, fingerprint: str) -> array.array:
+    """The `dhash` of every ok original (not a copy) of this job, in written order (8 bytes each).
+
+    What near dedupe matches against across resumed runs; rows written without near dedupe
+    carry no dhash and are not in it. Read only when the job asks for near dedupe.
+    """
+    hashes = array.array("q")
+    columns = ["dhash", "status", "dedup_of", "job_fingerprint"]
+    for batch in iter_rows(out, columns=columns, batch_size=INDEX_BATCH):
+        for dhash, status, dedup_of, row_fingerprint in zip(*(batch[c] for c in columns)):
+            if dhash is not None and status == "ok" and not dedup_of and row_fingerprint == fingerprint:
+                hashes.append(dhash)
+    return hashes

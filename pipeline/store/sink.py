@@ -12,6 +12,7 @@ redacted from its text, and an integer its column cannot hold becomes null. No n
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 import json
@@ -28,7 +29,7 @@ from ..errors import JobError
 from ..records import Result
 from ..redaction import keep_secret, redact
 from .files import fsync_path, write_atomic
-from .index import HashSet, iter_rows, resume_index
+from .index import HashSet, iter_rows, original_dhashes, resume_index
 from .layout import JOB_FILE, journal_number, journal_path, journals, part_path, parts, quarantine_path, unreadable_part
 from .lock import OutFolderLock
 from .schema import INT_BOUNDS, SCHEMA, TEXT_COLUMNS, JournalLine, journal_lines, read_journal, result_line
@@ -230,23 +231,34 @@ class Store:
         """`index.resume_index` of this folder for this job: (done key hashes, sent sha hashes)."""
         return resume_index(self.out, self.fingerprint)
 
+    def original_dhashes(self) -> array.array:
+        """`index.original_dhashes` of this folder for this job: what near dedupe matches against."""
+        return original_dhashes(self.out, self.fingerprint)
+
     def find_ok_by_sha(self, sha256: str) -> dict[str, Any] | None:
-        """The latest ok row (caption, model, ...) of an image with this sha256, or None.
+        """The latest ok row (caption, model, ...) of an original with this sha256, or None.
 
         Scans the parts' sha column and the open journal segment: for the rare duplicate whose
         original is not in the online driver's small cache. Safe to call from a worker thread.
         """
+        return self._find_original("image_sha256", sha256)
+
+    def find_ok_by_dhash(self, dhash: int) -> dict[str, Any] | None:
+        """The latest ok row of an original whose difference hash is `dhash`, or None (as `find_ok_by_sha`)."""
+        return self._find_original("dhash", dhash)
+
+    def _find_original(self, column: str, value: str | int) -> dict[str, Any] | None:
         found = None
-        columns = ["image_sha256", "status", "dedup_of", "job_fingerprint", *_COPIED]
+        columns = list(dict.fromkeys([column, "status", "dedup_of", "job_fingerprint", *_COPIED]))
         for batch in iter_rows(self.out, columns=columns):
-            for i, sha in enumerate(batch["image_sha256"]):
-                if sha == sha256 and self._is_original(batch["status"][i], batch["dedup_of"][i],
+            for i, seen in enumerate(batch[column]):
+                if seen == value and self._is_original(batch["status"][i], batch["dedup_of"][i],
                                                        batch["job_fingerprint"][i]):
                     found = {name: batch[name][i] for name in _COPIED}
         try:
             for row in read_journal(journal_path(self.out, self._segment)):
-                if row.get("image_sha256") == sha256 and self._is_original(row["status"], row.get("dedup_of"),
-                                                                          row.get("job_fingerprint")):
+                if row.get(column) == value and self._is_original(row["status"], row.get("dedup_of"),
+                                                                  row.get("job_fingerprint")):
                     found = {name: row[name] for name in _COPIED}
         except FileNotFoundError:
             pass  # rotated and converted meanwhile: its rows were in the parts read above, or none yet
