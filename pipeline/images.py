@@ -37,6 +37,7 @@ from .records import Encoded
 
 __all__ = [
     "encode_image",
+    "difference_hash",
     "probe_size",
     "fit_within",
     "oriented_size",
@@ -119,12 +120,14 @@ class _Decoded:
     box: tuple[float, float, float, float] | None  # region of `image` that maps to the whole original
 
 
-def encode_image(data: bytes, settings: ImageSettings) -> Encoded:
+def encode_image(data: bytes, settings: ImageSettings, *, dhash: bool = False) -> Encoded:
     """Return `data` (one image file's bytes) shrunk, upright, flattened on white and re-encoded.
 
     The long side of the result is at most `settings.max_side` (never upscaled); the format and
     quality are `settings.format` and `settings.quality`; no EXIF or other metadata is kept, so a
-    server cannot rotate it a second time. Animated images give their first frame.
+    server cannot rotate it a second time. Animated images give their first frame. With `dhash`,
+    the result carries the `difference_hash` of the pixels sent (for near dedupe; it costs
+    ~0.3-0.5 ms an image, 15-40 % of encoding a 500 px sample, so it is not computed otherwise).
 
     Raises BadImageError with a one-line message when `data` is not an image Pillow can read, is
     truncated or corrupt, or is larger than MAX_PIXELS.
@@ -149,7 +152,31 @@ def encode_image(data: bytes, settings: ImageSettings) -> Encoded:
         sent_height=image.height,
         mime=MIME_TYPES[settings.format],
         data=_encode(image, settings),
+        dhash=difference_hash(image) if dhash else None,
     )
+
+
+DHASH_SIZE = (9, 8)
+"""The difference hash compares neighbours in a 9 × 8 greyscale thumbnail: 8 × 8 = 64 bits."""
+
+
+def difference_hash(image: Image.Image) -> int:
+    """Return the 64-bit difference hash (dHash) of `image`, as a signed int64 (the column type).
+
+    Neal Krawetz, "Kind of Like That" (2013, https://www.hackerfactor.com/blog/index.php?/archives/529-Kind-of-Like-That.html):
+    shrink to 9 × 8 greyscale, then each bit says whether a pixel is brighter than its right-hand
+    neighbour, row by row, the first bit highest. Re-encoding, resizing and small brightness or
+    contrast changes move few of the 64 bits; another picture differs in about half of them.
+    """
+    small = image.convert("L").resize(DHASH_SIZE, Image.Resampling.BOX)
+    pixels = small.tobytes()
+    width = DHASH_SIZE[0]
+    value = 0
+    for row in range(DHASH_SIZE[1]):
+        for col in range(width - 1):
+            left, right = pixels[row * width + col], pixels[row * width + col + 1]
+            value = (value << 1) | (left > right)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:

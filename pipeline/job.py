@@ -34,6 +34,7 @@ __all__ = [
     "Cost",
     "Structured",
     "Batch",
+    "Dedupe",
     "Job",
     "OVERRIDABLE",
     "SECTIONS",
@@ -175,6 +176,20 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class Dedupe:
+    """Which images take another's caption instead of being sent (identical bytes always do).
+
+    Not part of the fingerprint: it decides which images are sent, not what an answer says, and
+    every row that copied one names its original (`dedup_of`, `dedup_distance`).
+    """
+
+    near: bool = False  # also copy to images whose difference hash is within max_distance (online mode only)
+    # Bits of 64 that may differ. Re-encodes, resizes and small brightness shifts of the bundled
+    # samples land at 0-4; distinct samples are 16 or more apart (tests/test_near_dedupe.py).
+    max_distance: int = 4
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A whole job, validated. `extra` is merged into every request payload."""
 
@@ -187,6 +202,7 @@ class Job:
     cost: Cost = field(default_factory=Cost)
     structured: Structured = field(default_factory=Structured)
     batch: Batch = field(default_factory=Batch)
+    dedupe: Dedupe = field(default_factory=Dedupe)
     extra: dict[str, Any] = field(default_factory=dict)  # [request.extra]
     source: str = "<defaults>"  # the file it came from, for messages
 
@@ -194,7 +210,7 @@ class Job:
     def fingerprint(self) -> str:
         """Hash of what decides the answers: model, prompt, image settings, extra parameters.
 
-        Not the endpoint URL, key, headers, mode, input, limits, output or batch settings: changing those
+        Not the endpoint URL, key, headers, mode, input, limits, output, batch or dedupe settings: changing those
         does not change what a caption means, so a run may resume under them (online after batch too).
         """
         decisive = {
@@ -223,12 +239,13 @@ _SECTIONS: dict[str, type] = {
     "cost": Cost,
     "structured": Structured,
     "batch": Batch,
+    "dedupe": Dedupe,
 }
 
 SECTIONS = _SECTIONS
 """Section name → its settings dataclass."""
 
-_PREFIXED = ("batch", "structured")
+_PREFIXED = ("batch", "structured", "dedupe")
 
 OVERRIDABLE: dict[str, str] = {
     (f"{section}_{f.name}" if section in _PREFIXED else f.name): f"{section}.{f.name}"
@@ -237,8 +254,8 @@ OVERRIDABLE: dict[str, str] = {
     if not str(f.type).startswith("dict")  # tables (headers, schema) live in the job file only
 }
 """Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
-the [batch] and [structured] fields take their section as a prefix (`--batch-poll-s 5`,
-`--structured-format json_object`)."""
+the [batch], [structured] and [dedupe] fields take their section as a prefix (`--batch-poll-s 5`,
+`--structured-format json_object`, `--dedupe-near`)."""
 
 
 def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Job:
@@ -367,6 +384,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("batch.max_requests", 1, 50_000),  # OpenAI's limits per batch file: https://platform.openai.com/docs/guides/batch
     ("batch.max_file_mb", 0.001, 200),
     ("batch.poll_s", 0.001, 86_400),
+    ("dedupe.max_distance", 0, 8),  # 9 bands of 7 bits at 8: past that the band index nears a linear scan
 ]
 
 

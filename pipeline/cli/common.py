@@ -137,7 +137,11 @@ def _print_summary(summary, argv: list[str]) -> None:
     if summary.skipped_files:  # what the walk passed over: nothing is skipped silently
         print("caption: passed over: " + ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_files.items())))
     print(f"caption: Parquet in {summary.out}/ (pandas.read_parquet({str(summary.out)!r}) reads it whole)")
-    copies = getattr(summary, "dedup_copies", 0)
+    near = getattr(summary, "near_copies", 0)
+    copies = getattr(summary, "dedup_copies", 0) - near
+    if near:
+        print(f"caption: {near} near {'copy' if near == 1 else 'copies'} took the caption of a picture whose "
+              "dHash is within [dedupe] max_distance (dedup_of names it, dedup_distance says how far)")
     if copies:
         print(f"caption: {copies} {'copy' if copies == 1 else 'copies'} of identical files took the caption of the "
               "file that was sent (dedup_of names it; no request, no tokens)")

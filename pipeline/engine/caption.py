@@ -38,7 +38,7 @@ def image_facts(encoded: Encoded | None) -> dict[str, Any]:
         return {}
     return {"image_sha256": encoded.sha256, "file_bytes": encoded.file_bytes, "width": encoded.width,
             "height": encoded.height, "sent_width": encoded.sent_width, "sent_height": encoded.sent_height,
-            "sent_bytes": encoded.sent_bytes}
+            "sent_bytes": encoded.sent_bytes, "dhash": encoded.dhash}
 
 
 @dataclass(slots=True)
@@ -70,7 +70,7 @@ class Captioner:
             raise BadImageError(f"cannot read file: {err.strerror or err}") from None
         settings = self.provider.image_settings(self._sized(width, height))  # within the protocol's per-image limits
         while True:
-            encoded = images.encode_image(data, settings)
+            encoded = images.encode_image(data, settings, dhash=self.job.dedupe.near)
             smaller = self.provider.image_settings(settings, encoded)  # the same: it fits; else encode again
             if smaller == settings:
                 return encoded
@@ -155,10 +155,13 @@ class Captioner:
                          error_kind=err.kind, error=str(err), attempts=attempts,
                          request_id=err.request_id or request_id)
 
-    def dedup_row(self, key: str, facts: dict[str, Any], original: Result | dict[str, Any]) -> Result:
-        """The row of a copy of an image already captioned: its caption, zero tokens, `dedup_of`."""
+    def dedup_row(self, key: str, facts: dict[str, Any], original: Result | dict[str, Any],
+                  distance: int | None = None) -> Result:
+        """The row of a copy of an image already captioned: its caption, zero tokens, `dedup_of`, and
+        for a near copy `dedup_distance` (bits of the dHash that differ; None for identical bytes)."""
         get = original.get if isinstance(original, dict) else lambda name: getattr(original, name)
         return self._row(key, facts, status="ok", model=get("model"), caption=get("caption"),
                          finish_reason=get("finish_reason"), fields=get("fields"),
                          flags=answers.quality_flags(self.job, get("caption") or "", get("finish_reason")),
-                         prompt_tokens=0, completion_tokens=0, total_tokens=0, dedup_of=get("image_path"))
+                         prompt_tokens=0, completion_tokens=0, total_tokens=0, dedup_of=get("image_path"),
+                         dedup_distance=distance)

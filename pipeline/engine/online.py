@@ -46,7 +46,7 @@ from ..records import ChatResult, Encoded, Result, RunSummary
 from ..sources import Item, open_source
 from ..store import HashSet, Store, key_hash, open_batch_chunks
 from .caption import Captioner, image_facts
-from .dedupe import Deduper
+from .dedupe import Deduper, NearIndex
 from .local import bundled_endpoint
 from .retry import FailureStreak, RetryPolicy
 
@@ -76,9 +76,13 @@ async def run_online(job: Job, input_path: str | Path, out: str | Path, *, api_k
             raise JobError(f"{out}: {live} batch chunk(s) are still with the provider; sending their images "
                            f"online too would pay twice. Run `caption batch collect {out}` (or cancel them)")
         done, sent_shas = await asyncio.to_thread(store.resume_index)
+        near_index = None
+        if job.dedupe.near:
+            near_index = NearIndex(job.dedupe.max_distance, await asyncio.to_thread(store.original_dhashes))
         async with bundled_endpoint(job.endpoint.base_url) as base_url:
             captioner = Captioner(job, make_provider(job, base_url, api_key=api_key, headers=headers))
-            runner = _Run(captioner, open_source(input_path, job.input), store, done, sent_shas, progress)
+            runner = _Run(captioner, open_source(input_path, job.input), store, done, sent_shas, progress,
+                          near_index)
             if handle_signals:
                 runner.install_signal_handlers()
             return await runner.main()
@@ -90,13 +94,13 @@ class _Run:
     """One run's queues, workers and counters."""
 
     def __init__(self, captioner: Captioner, source, store: Store, done: HashSet, sent_shas: HashSet,
-                 progress: bool | None):
+                 progress: bool | None, near_index: NearIndex | None = None):
         self.captioner = captioner
         self.job = job = captioner.job
         self.source = source
         self.store = store
         self.done = done
-        self.dedupe = Deduper(sent_shas, store.find_ok_by_sha)
+        self.dedupe = Deduper(sent_shas, store.find_ok_by_sha, near_index, store.find_ok_by_dhash)
         self.streak = FailureStreak()
         self.summary = RunSummary(out=store.out)
         limits = job.limits
@@ -248,8 +252,10 @@ class _Run:
             retrying = self.policy.image_retrying(sleep=gate.sleep_unless_stopped, before_sleep=gate.before_retry)
             return await self.captioner.caption(item.key, encoded, gate.send, retrying)
 
-        return await self.dedupe.caption_once(encoded.sha256, caption,
-                                              lambda original: self.captioner.dedup_row(item.key, facts, original))
+        return await self.dedupe.caption_once(
+            encoded.sha256, caption, lambda original, distance: self.captioner.dedup_row(item.key, facts, original,
+                                                                                          distance),
+            dhash=encoded.dhash)
 
     def _record(self, result: Result) -> None:
         self.store.append(result)

@@ -86,6 +86,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
     folder recorded there. Raises JobError for a detached run against the in-process endpoint.
     """
     out = Path(out)
+    _refuse_near_dedupe(job)
     if input_path is None:
         input_path = run_input(out)
     if job.endpoint.base_url == LOCAL_BASE_URL and detach:
@@ -113,6 +114,13 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
         store.release()
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _refuse_near_dedupe(job: Job) -> None:
+    """Near dedupe is online only: a near copy would have to wait a day for its original's chunk."""
+    if job.dedupe.near:
+        raise JobError(f"{job.source}: [dedupe] near = true works in online mode only (batch mode sends "
+                       "identical files once, but not near copies); drop it or run without --mode batch")
 
 
 def _run_file(out: Path) -> dict[str, Any]:
@@ -196,6 +204,7 @@ def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> Prep
 
     The files are cut at the job's batch limits, for vLLM's `run_batch` or an upload by hand.
     """
+    _refuse_near_dedupe(job)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     summary = PrepareSummary()
