@@ -314,8 +314,10 @@ class AdaptiveConcurrency:
             self.limit = min(self.max_concurrency, self.limit + 1)
             self._successes = 0 if not self._slow_start else self._successes
 
-    def on_concurrency_429(self, permit: Permit, now: float) -> None:
+    def on_concurrency_429(self, permit: Permit, now: float) -> bool:
         """A concurrency cap's 429 for `permit` (still in flight), seen at `now`: lower the limit, end slow start.
+
+        Returns True when it is a new event (the request was sent after the last decrease).
 
         The server was holding the requests sent before this one and still in flight, and
         refused one more: that count is its cap, and the limit goes to it (issue 14: "lower the
@@ -341,6 +343,7 @@ class AdaptiveConcurrency:
         if new < self.limit:
             log.info("429 from a concurrency cap: in-flight limit %d -> %d", int(self.limit), int(new))
         self.limit, self._slow_start, self._successes = new, False, 0
+        return new_event
 
 
 class Limiter:
@@ -462,8 +465,12 @@ class Limiter:
         """
         now = time.monotonic()
         self.rate_limited += 1
-        self._strikes += 1
         capped = not err.explained and self.budget.has_room(now)
+        # A strike is one event: the 429s of requests that were already in flight when the cap was
+        # first met belong to that one event (a burst of 8 refused at once is one strike, not 8,
+        # which would have meant a backoff of 2^7 s for everyone).
+        new_event = self.concurrency.on_concurrency_429(permit, now) if capped else True
+        self._strikes += new_event
         own_wait = 0.0
         if err.window == "second" and err.bucket is not None:
             self._learn_per_second(permit, err.bucket, err.limit, now)
@@ -471,11 +478,9 @@ class Limiter:
             own_wait = min(err.retry_after_s, self._max_own_wait_s)
         elif err.retry_after_s is not None:
             self.budget.pause(err.retry_after_s, "the server's retry-after", now)
-        elif not capped or self._strikes >= BARE_STRIKES_BEFORE_PAUSE:
-            wait = self._backoff_base_s * 2 ** min(self._strikes - 1, 16) * self._random.uniform(0.5, 1.0)
+        elif not capped or (new_event and self._strikes >= BARE_STRIKES_BEFORE_PAUSE):
+            wait = self._backoff_base_s * 2 ** min(max(self._strikes, 1) - 1, 16) * self._random.uniform(0.5, 1.0)
             self.budget.pause(wait, "backoff, no wait named by the server", now)
-        if capped:
-            self.concurrency.on_concurrency_429(permit, now)
         self._changed.set()
         return own_wait
 
