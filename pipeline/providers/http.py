@@ -11,9 +11,12 @@ counting.
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -21,7 +24,8 @@ from ..errors import CaptionError, TransientError
 from ..records import ChatResult, RateInfo
 from .base import HttpRequest, Provider
 
-__all__ = ["MAX_ANSWER_BYTES", "Transport", "proxy_for", "read_bounded"]
+__all__ = ["MAX_ANSWER_BYTES", "MAX_CONTROL_BYTES", "Transport", "download_to", "loads_or_none", "proxy_for",
+           "read_bounded"]
 
 MAX_ANSWER_BYTES = 8 * 2**20
 """The most one answer (a body, or a whole stream) may be, in bytes. A caption is a few KB, a JSON
@@ -94,6 +98,38 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _too_large(limit, "body")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+MAX_CONTROL_BYTES = 16 * 2**20  # the most a Files/Batches control answer may be (a page of batches is ~100 KB)
+DOWNLOAD_BLOCK = 1 << 20
+
+
+def loads_or_none(body: bytes | None) -> Any:
+    """The JSON of a body, or None when it is empty or not JSON (every protocol's error bodies are read so)."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+async def download_to(session: aiohttp.ClientSession, url: str, dest: Path, *, headers: Mapping[str, str],
+                      timeout: aiohttp.ClientTimeout,
+                      classify: Callable[[int, Mapping[str, str], bytes], CaptionError | None]) -> None:
+    """GET `url` and stream its body to `dest` (batch result files can be hundreds of MB, so they are
+    never held whole); a status other than 200 raises what `classify` makes of its bounded body."""
+    try:
+        async with session.get(url, headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                body = await read_bounded(response, MAX_CONTROL_BYTES)
+                raise classify(response.status, response.headers, body) or TransientError(
+                    f"download answered {response.status}", status=response.status)
+            with open(dest, "wb") as handle:
+                async for block in response.content.iter_chunked(DOWNLOAD_BLOCK):
+                    handle.write(block)
+    except aiohttp.ClientError as err:
+        raise TransientError(f"download failed: {type(err).__name__}: {err}") from err
 
 
 def _too_large(limit: int, what: str) -> TransientError:

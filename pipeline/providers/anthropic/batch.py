@@ -35,7 +35,7 @@ import aiohttp
 from ...errors import CaptionError, FatalError, TransientError
 from ...records import Encoded
 from ..base import BatchInfo, LineResult
-from ..http import read_bounded
+from ..http import MAX_CONTROL_BYTES, download_to, read_bounded
 from .errors import TYPE_STATUS, classify_response
 from .messages import AnthropicProvider, parse_message
 
@@ -51,9 +51,7 @@ JOURNAL = "_anthropic_creates.jsonl"
 CLOCK_SKEW_S = 300.0  # our clock and Anthropic's created_at may differ by this much
 LIST_PAGE = 100
 LIST_MAX_PAGES = 50
-MAX_CONTROL_BYTES = 16 * 2**20  # the most a Batches answer may be (a page of 100 batches is tens of KB)
 UPLOAD_BLOCK = 1 << 20
-DOWNLOAD_BLOCK = 1 << 20
 RAN_NOT = ("canceled", "expired")  # result types of requests that never ran
 
 
@@ -177,16 +175,8 @@ class AnthropicBatchBackend:
     async def download(self, file_ref: str, dest: Path) -> None:
         """GET the batch's results_url (JSONL), streamed to `dest`."""
         url = file_ref if "://" in file_ref else self._provider.root + file_ref
-        try:
-            async with self._session.get(url, headers=self._headers, timeout=self._timeout) as response:
-                if response.status != 200:
-                    body = await read_bounded(response, MAX_CONTROL_BYTES)
-                    raise classify_response(response.status, response.headers, body)
-                with open(dest, "wb") as handle:
-                    async for block in response.content.iter_chunked(DOWNLOAD_BLOCK):
-                        handle.write(block)
-        except aiohttp.ClientError as err:
-            raise TransientError(f"download failed: {type(err).__name__}: {err}") from err
+        await download_to(self._session, url, dest, headers=self._headers, timeout=self._timeout,
+                          classify=classify_response)
 
     def parse_result_line(self, raw: bytes) -> LineResult | None:
         return parse_result_line(raw)

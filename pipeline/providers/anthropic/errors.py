@@ -15,7 +15,6 @@ References:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from ...errors import (
 )
 from ...records import RateInfo
 from ...redaction import redact
+from ..http import loads_or_none
 
 __all__ = ["TYPE_STATUS", "BUCKETS", "classify_response", "loads_or_none", "parse_rate_info", "parse_reset",
            "request_id_of", "retry_after_s"]
@@ -60,15 +60,6 @@ _CREDIT = re.compile(r"credit balance is too low|purchase credits|billing", re.I
 _NAMED_LIMIT = re.compile(r"\b(\d[\d,]*)\s+(?:input |output )?(?:requests?|tokens?)\s+per\s+", re.IGNORECASE)
 _NAMED_WINDOW = re.compile(r"\b(requests?|(?:input |output )?tokens?)\s+per\s+(second|minute|day)\b", re.IGNORECASE)
 MAX_WAIT_S = 86_400.0  # a reset further away than a day is not believed
-
-
-def loads_or_none(body: bytes | None) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 def request_id_of(headers: Mapping[str, str]) -> str | None:

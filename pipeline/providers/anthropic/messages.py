@@ -32,8 +32,9 @@ from ...job import ImageSettings, Job
 from ...records import ChatResult, Encoded, RateInfo, Usage
 from ...redaction import keep_secret
 from ..base import HttpRequest
+from ..http import loads_or_none
 from ..sse import SSEDecoder, SSEEvent
-from .errors import classify_response, loads_or_none, parse_rate_info, request_id_of
+from .errors import classify_response, parse_rate_info, request_id_of
 
 __all__ = ["AnthropicProvider", "MAX_IMAGE_BASE64_BYTES", "MAX_IMAGE_SIDE_PX", "build_body", "messages_root",
            "parse_message", "parse_usage"]

@@ -20,7 +20,6 @@ References:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from ...errors import (
     TransientError,
 )
 from ...redaction import redact
+from ..http import loads_or_none
 
 __all__ = ["STATUS_CODES", "classify_response", "loads_or_none", "parse_duration", "per_day_reset",
            "request_id_of"]
@@ -57,15 +57,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")  # protobuf Duration JSON: "
 # FAILED_PRECONDITION "User location is not supported", "free tier is not available in your country.
 # Please enable billing": no image will fare better (troubleshooting docs, 400 FAILED_PRECONDITION)
 _FATAL_400 = re.compile(r"location is not supported|enable billing|billing (?:is )?not enabled", re.IGNORECASE)
-
-
-def loads_or_none(body: bytes | None) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 def request_id_of(headers: Mapping[str, str]) -> str | None:

@@ -34,8 +34,9 @@ from ...job import ImageSettings, Job
 from ...records import ChatResult, Encoded, RateInfo, Usage
 from ...redaction import keep_secret
 from ..base import HttpRequest
+from ..http import loads_or_none
 from ..sse import SSEDecoder, SSEEvent
-from .errors import classify_response, loads_or_none, request_id_of
+from .errors import classify_response, request_id_of
 
 __all__ = ["GeminiProvider", "BLOCKED_REASONS", "MAX_INLINE_BASE64_BYTES", "api_root", "build_body",
            "parse_response", "parse_usage"]

@@ -24,7 +24,7 @@ import aiohttp
 from ...errors import CaptionError, FatalError, TransientError
 from ...records import ChatResult, Encoded
 from ..base import BatchInfo, LineResult
-from ..http import read_bounded
+from ..http import MAX_CONTROL_BYTES, download_to, read_bounded
 from .chat import OpenAIProvider, parse_completion
 from .errors import classify_response
 
@@ -36,8 +36,6 @@ CHAT_URL = "/v1/chat/completions"
 LIST_PAGE = 100  # batches per page when listing the provider's batches
 LIST_MAX_PAGES = 50  # listing stops after this many pages (5,000 batches)
 ENDED = ("completed", "failed", "expired", "cancelled")
-DOWNLOAD_BLOCK = 1 << 20
-MAX_CONTROL_BYTES = 16 * 2**20  # the most a Files/Batches answer may be (a page of 100 batches is ~100 KB)
 
 
 class OpenAIBatchBackend:
@@ -105,17 +103,8 @@ class OpenAIBatchBackend:
 
     async def download(self, file_ref: str, dest: Path) -> None:
         """GET /v1/files/{id}/content, streamed to `dest` (output files can be hundreds of MB)."""
-        try:
-            async with self._session.get(f"{self._base}/files/{file_ref}/content", headers=self._headers,
-                                         timeout=self._timeout) as response:
-                if response.status != 200:
-                    body = await read_bounded(response, MAX_CONTROL_BYTES)
-                    raise classify_response(response.status, response.headers, body)
-                with open(dest, "wb") as handle:
-                    async for block in response.content.iter_chunked(DOWNLOAD_BLOCK):
-                        handle.write(block)
-        except aiohttp.ClientError as err:
-            raise TransientError(f"download failed: {type(err).__name__}: {err}") from err
+        await download_to(self._session, f"{self._base}/files/{file_ref}/content", dest, headers=self._headers,
+                          timeout=self._timeout, classify=classify_response)
 
     def parse_result_line(self, raw: bytes) -> LineResult | None:
         """One output/error file line; None for a malformed line or one without a custom_id."""

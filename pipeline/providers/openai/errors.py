@@ -13,7 +13,6 @@ References:
 from __future__ import annotations
 
 import email.utils
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from ...errors import (
 )
 from ...records import RateInfo
 from ...redaction import redact
+from ..http import loads_or_none
 
 __all__ = ["QUOTA_CODES", "classify_response", "describe_body", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
            "parse_rate_window", "request_id_of", "unsupported_parameter", "wants_max_completion_tokens"]
@@ -221,15 +221,6 @@ def _rate_limit_error(message: str, headers: Mapping[str, str], kw: dict[str, An
         bucket = exhausted[0]
     return RateLimitError(message, retry_after_s=_retry_after(headers, message), window=window, bucket=bucket,
                           limit=limit, exhausted=bool(exhausted), **kw)
-
-
-def loads_or_none(body: bytes | None) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 def _error_text(error: Any, body: bytes | dict | None, status: int) -> tuple[str, str]:
