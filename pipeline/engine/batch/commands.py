@@ -102,9 +102,10 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
                 aiohttp.ClientSession(trust_env=True) as session:
             captioner, backend = _open(job, session, base_url, api_key, headers)
             captioner.provider.adopt(state.learned())
-            run = BatchRun.start(progress=progress, captioner=captioner, backend=backend, store=store, state=state,
-                                 source=open_source(input_path, job.input) if input_path is not None else None,
-                                 summary=summary, policy=RetryPolicy.of(job.limits))
+            run = BatchRun(captioner=captioner, backend=backend, store=store, state=state,
+                           source=open_source(input_path, job.input) if input_path is not None else None,
+                           summary=summary, policy=RetryPolicy.of(job.limits))
+            run.open_bar(progress)
             try:
                 await BatchDriver(run).main(detach, handle_signals=handle_signals)
             except FatalError as err:

@@ -47,12 +47,10 @@ class BatchRun:
         self.done = self.done_before.fork()
         self.dedupe = Deduper(sent_shas, self.store.find_ok_by_sha)
 
-    @classmethod
-    def start(cls, *, progress: bool | None, **parts) -> BatchRun:
-        run = cls(**parts)
+    def open_bar(self, progress: bool | None) -> None:
+        """Show a progress bar when asked to (None: when stderr is a terminal)."""
         if progress if progress is not None else sys.stderr.isatty():
-            run.bar = tqdm.tqdm(unit="req", dynamic_ncols=True, file=sys.stderr)
-        return run
+            self.bar = tqdm.tqdm(unit="req", dynamic_ncols=True, file=sys.stderr)
 
     def record_row(self, row: Result) -> None:
         """Write one row (rolling a part when due) and count it."""
