@@ -27,9 +27,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .anthropic_messages import FAULT_TYPES, AnthropicMessages, ParamsError, check_params, compose, error_object, reply
+from .anthropic_messages import FAULT_TYPES, AnthropicMessages, ParamsError, check_params, compose, error_object
 from .core import Core
-from .wire import new_id, parse_json
+from .wire import json_response, new_id, parse_json
 
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_REQUESTS = 100_000
@@ -109,14 +109,14 @@ class AnthropicBatches:
         try:
             requests = check_requests(parse_json(await request.read()))
         except ParamsError as err:
-            return reply(err.status, err.body(), headers)
+            return json_response(err.status, err.body(), headers)
         batch = _Batch(new_id("msgbatch_"), _now(), requests)
         with self._core.lock:
             self._batches[batch.id] = batch
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._core.tasks.add(task)
         task.add_done_callback(self._core.tasks.discard)
-        return reply(200, batch.as_object(_root(request)), headers)
+        return json_response(200, batch.as_object(_root(request)), headers)
 
     async def _run(self, batch: _Batch) -> None:
         await asyncio.sleep(self._core.draw_latency())
@@ -150,13 +150,13 @@ class AnthropicBatches:
             return None, refusal
         batch = self._batches.get(request.match_info["id"])
         if batch is None:
-            return None, reply(404, error_object("not_found_error", "batch not found"), headers)
+            return None, json_response(404, error_object("not_found_error", "batch not found"), headers)
         return batch, None
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         headers = {"request-id": new_id("req_")}
         batch, refusal = self._batch_or_404(request, headers)
-        return refusal or reply(200, batch.as_object(_root(request)), headers)
+        return refusal or json_response(200, batch.as_object(_root(request)), headers)
 
     async def _cancel(self, request: web.Request) -> web.Response:
         headers = {"request-id": new_id("req_")}
@@ -166,7 +166,7 @@ class AnthropicBatches:
         with self._core.lock:
             if batch.status == "in_progress":
                 batch.status, batch.cancel_initiated_at = "canceling", _now()
-        return reply(200, batch.as_object(_root(request)), headers)
+        return json_response(200, batch.as_object(_root(request)), headers)
 
     async def _results(self, request: web.Request) -> web.Response:
         headers = {"request-id": new_id("req_")}
@@ -174,7 +174,7 @@ class AnthropicBatches:
         if refusal is not None:
             return refusal
         if batch.status != "ended":
-            return reply(400, error_object("invalid_request_error", "Batch has not ended yet"), headers)
+            return json_response(400, error_object("invalid_request_error", "Batch has not ended yet"), headers)
         return web.Response(status=200, body=b"".join(batch.results), content_type="application/binary",
                             headers=headers)
 
@@ -185,7 +185,7 @@ class AnthropicBatches:
         try:
             limit = min(LIST_MAX, max(1, int(request.query.get("limit", LIST_DEFAULT))))
         except ValueError:
-            return reply(400, error_object("invalid_request_error", "limit: must be an integer"), headers)
+            return json_response(400, error_object("invalid_request_error", "limit: must be an integer"), headers)
         newest = list(self._batches.values())[::-1]
         after = request.query.get("after_id")
         if after is not None:
@@ -193,7 +193,7 @@ class AnthropicBatches:
             newest = newest[ids.index(after) + 1:] if after in ids else []
         page = newest[:limit]
         data = [b.as_object(_root(request)) for b in page]
-        return reply(200, {"data": data, "has_more": len(newest) > limit, "first_id": data[0]["id"] if data else None,
+        return json_response(200, {"data": data, "has_more": len(newest) > limit, "first_id": data[0]["id"] if data else None,
                            "last_id": data[-1]["id"] if data else None}, headers)
 
 

@@ -48,7 +48,7 @@ from PIL import Image
 from .core import Core, Observed
 from .limits import CONTENT_FAULTS, NGINX_502, go_silent
 from .pixels import image_facts, make_thumb, value_for
-from .wire import MODEL_ID, new_id, parse_json
+from .wire import json_response, new_id, parse_json
 
 MEDIA_TYPES = {"image/jpeg": ("JPEG", "MPO"), "image/png": ("PNG",), "image/gif": ("GIF",), "image/webp": ("WEBP",)}
 MAX_IMAGE_BASE64 = 5 * 2**20  # "image exceeds 5 MB maximum: N bytes > 5242880 bytes", on the base64 text
@@ -78,11 +78,6 @@ FAULT_TYPES: dict[str, tuple[int, str, str]] = {
 def error_object(type_: str, message: str) -> dict[str, Any]:
     """Anthropic's error body (errors docs)."""
     return {"type": "error", "error": {"type": type_, "message": message}}
-
-
-def reply(status: int, body: Any, headers: dict[str, str]) -> web.Response:
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    return web.Response(status=status, text=text, content_type="application/json", headers=headers)
 
 
 class ParamsError(Exception):
@@ -333,9 +328,9 @@ class AnthropicMessages:
         key = self._core.api_key
         given = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
         if key is not None and not hmac.compare_digest(given.encode(), key.encode()):
-            return reply(401, error_object("authentication_error", "invalid x-api-key"), headers)
+            return json_response(401, error_object("authentication_error", "invalid x-api-key"), headers)
         if not request.headers.get("anthropic-version"):
-            return reply(400, error_object("invalid_request_error", "anthropic-version: header is required"), headers)
+            return json_response(400, error_object("invalid_request_error", "anthropic-version: header is required"), headers)
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -344,7 +339,7 @@ class AnthropicMessages:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return reply(413, error_object("request_too_large", "Request exceeds the maximum size"), headers)
+            return json_response(413, error_object("request_too_large", "Request exceeds the maximum size"), headers)
         refusal = self.refuse(request, headers)
         if refusal is not None:
             self._observe(arrival, refusal.status, None, None, request.headers.get("x-api-key") is not None)
@@ -364,7 +359,7 @@ class AnthropicMessages:
     def _concurrency_refusal(self, request_id: str, headers: dict[str, str]) -> web.Response:
         given = self._core.concurrency_refusal(request_id)
         extra = {"retry-after": given.headers["retry-after"]} if "retry-after" in given.headers else {}
-        return reply(429, error_object("rate_limit_error", "Too many concurrent requests"), {**headers, **extra})
+        return json_response(429, error_object("rate_limit_error", "Too many concurrent requests"), {**headers, **extra})
 
     async def _serve(self, request: web.Request, arrival: float, params: Any, headers: dict[str, str]
                      ) -> web.StreamResponse:
@@ -372,13 +367,13 @@ class AnthropicMessages:
             checked, _ = await asyncio.get_running_loop().run_in_executor(self._core.pool, check_params, params)
         except ParamsError as err:
             self._observe(arrival, err.status, None, None)
-            return reply(err.status, err.body(), headers)
+            return json_response(err.status, err.body(), headers)
         verdict = self._core.admit(checked.input_tokens + checked.max_tokens, checked.model)
         headers.update(rate_headers(verdict.headers))
         if verdict.limit is not None:
             self._observe(arrival, 429, verdict.limit, checked)
             message = (verdict.body or {}).get("error", {}).get("message", "rate limited")
-            return reply(429, error_object("rate_limit_error", message), headers)
+            return json_response(429, error_object("rate_limit_error", message), headers)
         fault, retry_after_s = self._core.pop_fault()
         message = compose(checked, fault)
         return await self._answer(request, arrival, checked, message, fault, retry_after_s, headers)
@@ -436,13 +431,13 @@ def _fault_response(fault: str | None, stream: bool, retry_after_s: float | None
     if fault in FAULT_TYPES:
         status, type_, message = FAULT_TYPES[fault]
         extra = {"retry-after": str(math.ceil(retry_after_s))} if fault == "429" and retry_after_s is not None else {}
-        return reply(status, error_object(type_, message), {**headers, **extra})
+        return json_response(status, error_object(type_, message), {**headers, **extra})
     if fault == "html502":
         return web.Response(status=502, text=NGINX_502, content_type="text/html", headers=headers)
     if fault == "404_model":
-        return reply(404, error_object("not_found_error", "model: not found"), headers)
+        return json_response(404, error_object("not_found_error", "model: not found"), headers)
     if fault == "429_bare":
         return web.Response(status=429)
     if fault == "error200" or (fault == "stream_error" and not stream):
-        return reply(529 if fault == "stream_error" else 200, error_object("overloaded_error", "Overloaded"), headers)
+        return json_response(529 if fault == "stream_error" else 200, error_object("overloaded_error", "Overloaded"), headers)
     return None

@@ -48,7 +48,7 @@ from PIL import Image
 from .core import Core, Observed
 from .limits import CONTENT_FAULTS, NGINX_502, go_silent
 from .pixels import image_facts, make_thumb, value_for
-from .wire import new_id, parse_json
+from .wire import json_response, new_id, parse_json
 
 MIME_TYPES = {"image/jpeg": ("JPEG", "MPO"), "image/png": ("PNG",), "image/webp": ("WEBP",),
               "image/heic": ("HEIF",), "image/heif": ("HEIF",)}
@@ -105,11 +105,6 @@ def quota_failure(quota_id: str, value: int | None, model: str) -> dict[str, Any
     if value is not None:
         violation["quotaValue"] = str(value)
     return {"@type": QUOTA_FAILURE, "violations": [violation]}
-
-
-def reply(status: int, body: Any, headers: dict[str, str]) -> web.Response:
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    return web.Response(status=status, text=text, content_type="application/json", headers=headers)
 
 
 class RequestError(Exception):
@@ -334,11 +329,11 @@ class GeminiGenerate:
         if key is None or hmac.compare_digest(given.encode(), key.encode()):
             return None
         if not given:
-            return reply(403, error_object(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers "
+            return json_response(403, error_object(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers "
                                            "(callers without established identity). Please use API Key or other "
                                            "form of API consumer identity to call this API."), headers)
         details = [{"@type": ERROR_INFO, "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]
-        return reply(400, error_object(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+        return json_response(400, error_object(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
                                        details), headers)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -346,12 +341,12 @@ class GeminiGenerate:
         headers: dict[str, str] = {}
         model, _, method = request.match_info["target"].rpartition(":")
         if method not in ("generateContent", "streamGenerateContent") or not model:
-            return reply(404, error_object(404, "NOT_FOUND", f"Method not found: {method}"), headers)
+            return json_response(404, error_object(404, "NOT_FOUND", f"Method not found: {method}"), headers)
         stream = method == "streamGenerateContent"
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return reply(400, error_object(*FAULT_STATUS["413"]), headers)
+            return json_response(400, error_object(*FAULT_STATUS["413"]), headers)
         refusal = self.refuse(request, headers)
         if refusal is not None:
             self._observe(arrival, refusal.status, None, None, stream, authorized=False)
@@ -371,7 +366,7 @@ class GeminiGenerate:
     def _concurrency_refusal(self, headers: dict[str, str]) -> web.Response:
         given = self._core.concurrency_refusal("")
         details = [retry_info(float(given.headers["retry-after"]))] if "retry-after" in given.headers else []
-        return reply(429, error_object(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).",
+        return json_response(429, error_object(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).",
                                        details), headers)
 
     async def _serve(self, request: web.Request, arrival: float, model: str, stream: bool, params: Any,
@@ -380,12 +375,12 @@ class GeminiGenerate:
             checked = await asyncio.get_running_loop().run_in_executor(self._core.pool, check_request, params, model)
         except RequestError as err:
             self._observe(arrival, err.status, None, None, stream)
-            return reply(err.status, err.body(), headers)
+            return json_response(err.status, err.body(), headers)
         checked = _scaled(checked, self._core)
         verdict = self._core.admit(checked.image_tokens + checked.text_tokens + (checked.max_tokens or 0), model)
         if verdict.limit is not None:
             self._observe(arrival, 429, verdict.limit, checked, stream)
-            return reply(429, limit_body(verdict.limit, verdict.headers, model), headers)
+            return json_response(429, limit_body(verdict.limit, verdict.headers, model), headers)
         fault, retry_after_s = self._core.pop_fault()
         answer = compose(checked, fault)
         return await self._answer(request, arrival, checked, stream, answer, fault, retry_after_s, headers)
@@ -405,7 +400,7 @@ class GeminiGenerate:
             return await self._send_body(request, answer, fault, headers)
         if request.query.get("alt") != "sse":  # without alt=sse Gemini streams one JSON array
             chunks = [json.loads(c[len(b"data: "):]) for c in stream_chunks(answer, None)]
-            return reply(200, chunks, headers)
+            return json_response(200, chunks, headers)
         sse = web.StreamResponse(status=200, headers={**headers, "Cache-Control": "no-cache"})
         sse.content_type = "text/event-stream"
         await sse.prepare(request)
@@ -471,16 +466,16 @@ def fault_response(fault: str | None, stream: bool, retry_after_s: float | None,
         elif fault == "429":
             details = [quota_failure("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", 10, model)]
             details += [retry_info(retry_after_s)] if retry_after_s is not None else []
-        return reply(status, error_object(status, name, message, details), headers)
+        return json_response(status, error_object(status, name, message, details), headers)
     if fault == "html502":
         return web.Response(status=502, text=NGINX_502, content_type="text/html", headers=headers)
     if fault == "404_model":
-        return reply(404, error_object(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or "
+        return json_response(404, error_object(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or "
                                        "is not supported for generateContent."), headers)
     if fault == "429_bare":
         return web.Response(status=429)
     if fault == "error200" or (fault == "stream_error" and not stream):
         status = 503 if fault == "stream_error" else 200
-        return reply(status, error_object(503, "UNAVAILABLE", "The model is overloaded. Please try again later."),
+        return json_response(status, error_object(503, "UNAVAILABLE", "The model is overloaded. Please try again later."),
                      headers)
     return None
