@@ -102,6 +102,18 @@ class InputSettings:
     sample: int | None = None  # only a deterministic random sample of this many images (sources/sample.py)
     sample_seed: int = 0  # which sample: the same seed and folder pick the same images
     limit: int | None = None  # only the first this many images, in walk order
+    # What INPUT is and how to read it (sources/__init__.py picks the source; the README's "Sources"):
+    format: Literal["auto", "folder", "table", "webdataset", "hf"] = "auto"  # auto: from INPUT's name and contents
+    storage_options: dict[str, Any] = field(default_factory=dict)  # given to the fsspec file system as they are
+    path_column: str | None = None  # table: the column holding each image's local path, fsspec URL or http(s) URL
+    bytes_column: str | None = None  # table: the column holding each image's bytes (or HF's {bytes, path} struct)
+    key_column: str | None = None  # table: the resume key; default: the path, else the row's index
+    keep_columns: tuple[str, ...] = ()  # input columns (or WebDataset members) copied into every output row
+    send: Literal["bytes", "url"] = "bytes"  # http(s) images: download and encode them, or send the URL itself
+    image_members: str = "jpg;png;webp"  # WebDataset: the members that may hold the image, in order of preference
+    fetch_per_host: int = 8  # http(s) downloads in flight per host at most
+    fetch_timeout_s: float = 30.0  # one download, whole
+    fetch_attempts: int = 3  # per download, first try included; a failed one is an error row (error_kind "fetch")
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "TIFF", "BMP", "JPEG2000", "ICO", "PPM", "TGA")
@@ -251,7 +263,7 @@ OVERRIDABLE: dict[str, str] = {
     (f"{section}_{f.name}" if section in _PREFIXED else f.name): f"{section}.{f.name}"
     for section, cls in _SECTIONS.items()
     for f in dataclasses.fields(cls)
-    if not str(f.type).startswith("dict")  # tables (headers, schema) live in the job file only
+    if not str(f.type).startswith(("dict", "tuple"))  # tables and lists (headers, schema) live in the job file only
 }
 """Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
 the [batch], [structured] and [dedupe] fields take their section as a prefix (`--batch-poll-s 5`,
@@ -337,6 +349,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if typing.get_args(hint)[1] is str and not all(isinstance(v, str) for v in value.values()):
             raise JobError(f"{where} values must be strings")
         return dict(value)
+    if origin is tuple:  # a TOML array of one type (tuple[str, ...])
+        if not isinstance(value, list):
+            raise JobError(f"{where} must be a list, not {value!r}")
+        return tuple(_coerce(item, typing.get_args(hint)[0], where) for item in value)
     if hint is bool:
         if not isinstance(value, bool):
             raise JobError(f"{where} must be true or false, not {value!r}")
@@ -366,6 +382,9 @@ _RANGES: list[tuple[str, float, float]] = [
     ("input.sample", 1, 2**62),
     ("input.sample_seed", -(2**63), 2**63 - 1),  # blake2b takes it as an 8-byte key
     ("input.limit", 1, 2**62),
+    ("input.fetch_per_host", 1, 1_000),
+    ("input.fetch_timeout_s", 0.001, 86_400),
+    ("input.fetch_attempts", 1, 100),
     ("limits.concurrency", 1, 10_000),
     ("limits.rpm", 1, 100_000_000),
     ("limits.tpm", 1, 10_000_000_000),
@@ -521,6 +540,7 @@ def job_summary(job: Job) -> dict[str, Any]:
     """The job as run, for `_job.json`: every setting, header names but not their values."""
     summary = {name: dataclasses.asdict(getattr(job, name)) for name in _SECTIONS}
     summary["endpoint"]["headers"] = sorted(job.endpoint.headers)
+    summary["input"]["storage_options"] = sorted(job.input.storage_options)  # names only: they may hold credentials
     summary["request"] = {"extra": job.extra}
     summary["fingerprint"] = job.fingerprint
     summary["source"] = job.source
