@@ -141,7 +141,8 @@ def run_input(out: str | Path) -> Path | None:
 def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
     """The job a batch run in `out` ran: `job_file` if given, else rebuilt from the record.
 
-    The record holds header names, not values: pass the job file when the endpoint needs headers.
+    The record holds header and storage-option names, not values (they may hold credentials): pass
+    the job file when the endpoint needs headers or INPUT needs storage options.
     """
     summary = _run_file(Path(out))["job"]
     if job_file is not None:
@@ -153,7 +154,7 @@ def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:
     overrides: dict[str, Any] = {"request.extra": summary.get("request", {}).get("extra", {})}
     for section in jobmod.SECTIONS:
         for name, value in (summary.get(section) or {}).items():
-            if name != "headers":
+            if name not in ("headers", "storage_options"):
                 overrides[f"{section}.{name}"] = value
     return jobmod.load_job(None, overrides)
 
