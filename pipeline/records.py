@@ -48,6 +48,7 @@ class Usage:
     cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens, None if not said
     reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
     source: Literal["reported", "estimated"] = "reported"
+    cache_write_tokens: int | None = None  # prompt tokens written to the cache (Anthropic), inside prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class ChatResult:
     usage: Usage | None  # None when the server sent no usage, or none worth believing
     request_id: str | None
     usage_rejected: bool = False  # the server sent usage, but not believable counts (negative, 10**15, ...)
+    service_tier: str | None = None  # the tier the server says it answered at (OpenAI "flex", "default"), if said
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +97,10 @@ class Result:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None
+    cache_write_tokens: int | None = None  # prompt tokens written to the provider's cache (billed above input)
     reasoning_tokens: int | None = None
     mode: Literal["online", "batch"] = "online"
+    service_tier: str | None = None  # the tier the answer was served at, as the server said (OpenAI "flex")
     usage_source: Literal["reported", "estimated"] | None = None
     error_kind: str | None = None
     error: str | None = None

@@ -119,8 +119,10 @@ def answer_fields(job: Job, chat: ChatResult, sent_width: int, sent_height: int,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
         "usage_source": usage.source,
+        "service_tier": chat.service_tier,
         "fields": fields,
         "flags": _with(quality_flags(job, chat.text, chat.finish_reason), "usage_rejected" if chat.usage_rejected
                        else None),
@@ -138,5 +140,6 @@ def billed_fields(err: Exception) -> dict[str, Any]:
         return {}
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens, "cached_tokens": usage.cached_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
             "reasoning_tokens": usage.reasoning_tokens, "usage_source": usage.source,
             "finish_reason": getattr(err, "finish_reason", None)}

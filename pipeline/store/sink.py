@@ -42,7 +42,8 @@ CONVERT_BATCH = 4096  # journal rows per Parquet row group
 _COPIED = ("image_path", "model", "caption", "finish_reason", "fields")  # what a duplicate takes from its original
 _KEYS = ("image_path", "image_sha256", "dedup_of", "job_fingerprint")  # ours, never a server's: not redacted
 _REDACTED = tuple(name for name in TEXT_COLUMNS if name not in _KEYS)
-_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cache_write_tokens",
+           "reasoning_tokens")
 
 
 class Sink(Protocol):
