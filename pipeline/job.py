@@ -66,6 +66,8 @@ class Endpoint:
     mode: Literal["online", "batch"] = "online"  # batch: the Batch API (half price, results within a day)
     api: Literal["openai", "anthropic", "gemini"] = "openai"  # the wire protocol: chat completions, Messages, Gemini
     anthropic_version: str = "2023-06-01"  # api = "anthropic": the anthropic-version header sent
+    service_tier: Literal["flex", "default", "auto"] | None = None  # api = "openai": sent as service_tier
+    flex_fallback: Literal["off", "auto"] = "off"  # a flex 429 "Resource Unavailable": "auto" resends at the default tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class Prompt:
     temperature: float | None = None
     reasoning_effort: str | None = None
     language: str | None = None  # e.g. "German": the user prompt asks for the answer in it
+    cache: bool = False  # prompt caching: Anthropic gets cache_control on the system prompt (README "Anthropic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +236,7 @@ class Job:
         }
         if self.prompt.language is None:
             del decisive["prompt"]["language"]  # fields added later leave older fingerprints as they were
+        del decisive["prompt"]["cache"]  # caching changes what a request costs, not what it asks
         if self.image.token_budget is None:
             del decisive["image"]["token_budget"]
         if self.structured.format != "text":
@@ -311,9 +315,24 @@ def _build_job(raw: dict[str, Any], source: str) -> Job:
         if reserved in extra:
             raise JobError(f"{source}: [request.extra] {reserved} is set by caption itself; remove it")
     parts = {name: _build_section(cls, raw.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
+    parts["limits"] = _flex_timeouts(parts["endpoint"], parts["limits"], raw.get("limits", {}))
     job = Job(**parts, extra=extra, source=source)
     _check_ranges(job)
     return job
+
+
+FLEX_TIMEOUT_S = 900.0
+"""`timeout_s` and `idle_timeout_s` when `service_tier = "flex"` and the job sets neither: flex answers
+are slower and may queue before the first byte; OpenAI advises raising the timeout to 15 minutes
+(https://platform.openai.com/docs/guides/flex-processing, "API request timeouts")."""
+
+
+def _flex_timeouts(endpoint: Endpoint, limits: Limits, table: Any) -> Limits:
+    """`limits` with FLEX_TIMEOUT_S for the timeouts the job leaves unset, when the job asks for flex."""
+    if endpoint.service_tier != "flex" or not isinstance(table, dict):
+        return limits
+    longer = {name: FLEX_TIMEOUT_S for name in ("timeout_s", "idle_timeout_s") if name not in table}
+    return dataclasses.replace(limits, **longer)
 
 
 def _build_section(cls: type, table: Any, section: str, source: str) -> Any:
@@ -420,7 +439,24 @@ def _check_ranges(job: Job) -> None:
     url = job.endpoint.base_url
     if url != LOCAL_BASE_URL and not re.match(r"^https?://[^/\s]+", url):
         raise JobError(f"{job.source}: [endpoint] base_url must be http(s)://host/... or \"local\", not {url!r}")
+    _check_tier_and_cache(job)
     _check_schema(job)
+
+
+def _check_tier_and_cache(job: Job) -> None:
+    """`service_tier` is OpenAI's and online only; `flex_fallback` needs flex; Anthropic caches the system prompt."""
+    endpoint = job.endpoint
+    if endpoint.service_tier is not None and endpoint.api != "openai":
+        raise JobError(f"{job.source}: [endpoint] service_tier is OpenAI's (api = \"openai\"); remove it for "
+                       f"api = \"{endpoint.api}\"")
+    if endpoint.service_tier is not None and endpoint.mode == "batch":
+        raise JobError(f"{job.source}: [endpoint] service_tier is for online requests; batch mode is already at "
+                       "batch prices: remove it, or run with --mode online")
+    if endpoint.flex_fallback != "off" and endpoint.service_tier != "flex":
+        raise JobError(f"{job.source}: [endpoint] flex_fallback applies only with service_tier = \"flex\"")
+    if job.prompt.cache and endpoint.api == "anthropic" and not job.prompt.system:
+        raise JobError(f"{job.source}: [prompt] cache = true caches the system prompt for api = \"anthropic\"; "
+                       "set [prompt] system (or remove cache)")
 
 
 def _check_schema(job: Job) -> None:
