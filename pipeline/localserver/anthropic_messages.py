@@ -13,6 +13,14 @@ whose faults take Anthropic's shapes (FAULT_TYPES: "503" is a 529 overloaded_err
 credit-balance 400, "stream_error" an `event: error` mid-stream). A model named `local-refusal...`
 answers with `stop_reason: "refusal"`.
 
+Prompt caching: a text block (of `system` or of a message) with `cache_control` marks the end of a
+cacheable prefix. The first request whose prefix reaches the model's minimum reports it as
+`cache_creation_input_tokens`, a later one with the same prefix (same model, same blocks) within its TTL
+(5 minutes, or "1h"; each read refreshes it) as `cache_read_input_tokens`, and `input_tokens` is what
+is left (`PromptCache`). Only the last breakpoint is looked up, and the decision is made when a request
+arrives, so requests in flight together after the first one read what it wrote (Anthropic would make
+each of them write until the first answer begins).
+
 It must not share protocol code with the client side (`pipeline.providers`). It imports only
 aiohttp, Pillow, the standard library and modules of this package.
 
@@ -25,6 +33,8 @@ Protocol sources:
 - Errors (`{"type": "error", "error": {"type", "message"}}`, 529 overloaded_error):
   https://docs.anthropic.com/en/api/errors
 - Rate-limit headers: https://docs.anthropic.com/en/api/rate-limits
+- Prompt caching (`cache_control` {"type": "ephemeral", "ttl"?}, at most 4 breakpoints, per-model minimum
+  prefix lengths, the usage fields): https://platform.claude.com/docs/en/build-with-claude/prompt-caching
 """
 
 from __future__ import annotations
@@ -32,13 +42,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import datetime as dt
+import hashlib
 import hmac
 import io
 import json
 import math
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +70,13 @@ TOKEN_SIDE_PX = 1568  # images are scaled to this long edge before they are coun
 PX_PER_TOKEN = 750
 REFUSAL_PREFIX = "local-refusal"
 WORDS_PER_DELTA = 3
+MAX_CACHE_BREAKPOINTS = 4  # "A maximum of 4 blocks with cache_control may be provided" (Prompt caching docs)
+CACHE_TTL_S = {"5m": 300.0, "1h": 3600.0}
+MIN_CACHE_TOKENS = {"claude-opus-4-6": 4096, "claude-opus-4-5": 4096, "claude-haiku-4-5": 4096,
+                    "claude-3-5-haiku": 2048, "claude-3-haiku": 2048}
+"""The shortest prefix each model caches (Prompt caching docs, "Cache limitations"); any other model: 1,024."""
+DEFAULT_MIN_CACHE_TOKENS = 1024
+MAX_CACHE_ENTRIES = 10_000  # prefixes remembered; the oldest go first
 # fail_next's faults in Anthropic's shapes: status, error type, message
 FAULT_TYPES: dict[str, tuple[int, str, str]] = {
     "500": (500, "api_error", "Internal server error"),
@@ -111,6 +131,46 @@ class Checked:
     size: tuple[int, int] | None  # the first image, pixels
     thumb: Any
     input_tokens: int
+    cache_prefix: CachePrefix | None = None  # the prefix up to the last cache_control breakpoint
+
+
+@dataclass(frozen=True, slots=True)
+class CachePrefix:
+    """The part of a request up to its last `cache_control` breakpoint: what identifies it, what it costs."""
+
+    key: str  # sha256 of the model and the blocks up to the breakpoint
+    tokens: int  # their input tokens, counted as the request's are
+    ttl_s: float
+
+
+def min_cache_tokens(model: str) -> int:
+    """The shortest prefix `model` caches (MIN_CACHE_TOKENS by name prefix, else the default)."""
+    for prefix, tokens in MIN_CACHE_TOKENS.items():
+        if model.startswith(prefix):
+            return tokens
+    return DEFAULT_MIN_CACHE_TOKENS
+
+
+class PromptCache:
+    """Prefixes cached so far, with when they expire. Call under the core's lock."""
+
+    def __init__(self) -> None:
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def clear(self) -> None:
+        self._expiry.clear()
+
+    def use(self, model: str, prefix: CachePrefix | None, now: float) -> tuple[int, int]:
+        """(tokens read, tokens written) for a request with `prefix`: read when cached and alive,
+        written when long enough for `model`, else (0, 0). A read or a write (re)starts the TTL."""
+        if prefix is None or prefix.tokens < min_cache_tokens(model):
+            return 0, 0
+        alive = self._expiry.get(prefix.key, 0.0) > now
+        self._expiry[prefix.key] = now + prefix.ttl_s
+        self._expiry.move_to_end(prefix.key)
+        while len(self._expiry) > MAX_CACHE_ENTRIES:
+            self._expiry.popitem(last=False)
+        return (prefix.tokens, 0) if alive else (0, prefix.tokens)
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -167,8 +227,57 @@ def _check_options(params: dict[str, Any]) -> None:
     system = params.get("system")
     if system is not None and not isinstance(system, (str, list)):
         raise _invalid("system: Input should be a valid string or list of text blocks")
+    for j, block in enumerate(system if isinstance(system, list) else ()):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _invalid(f"system.{j}: Input should be a text block")
     if not isinstance(params.get("messages"), list) or not params["messages"]:
         raise _invalid("messages: Field required")
+
+
+def _cache_ttl(block: dict[str, Any], where: str) -> float | None:
+    """The TTL a block's `cache_control` asks for, seconds; None when it has none. Raises ParamsError."""
+    control = block.get("cache_control")
+    if control is None:
+        return None
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        raise _invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    ttl = control.get("ttl", "5m")
+    if ttl not in CACHE_TTL_S:
+        raise _invalid(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+    return CACHE_TTL_S[ttl]
+
+
+@dataclass(slots=True)
+class _Walk:
+    """What reading a body's blocks in order has found: text, images, and the last cache breakpoint."""
+
+    chars: int = 0
+    image_tokens: int = 0
+    seen: list[Any] = dataclasses.field(default_factory=list)  # the blocks so far, cache_control left out
+    breakpoints: int = 0
+    prefix: tuple[int, float] | None = None  # (blocks up to the last breakpoint, its TTL)
+    prefix_tokens: int = 0
+
+    def take(self, block: dict[str, Any], where: str, tokens: int = 0) -> None:
+        self.chars += len(block["text"]) if block.get("type") == "text" else 0
+        self.image_tokens += tokens
+        self.seen.append({k: v for k, v in block.items() if k != "cache_control"})
+        ttl = _cache_ttl(block, where)
+        if ttl is None:
+            return
+        self.breakpoints += 1
+        if self.breakpoints > MAX_CACHE_BREAKPOINTS:
+            raise _invalid(f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+                           f"Found {self.breakpoints}.")
+        self.prefix = (len(self.seen), ttl)
+        self.prefix_tokens = self.image_tokens + _text_tokens(self.chars)
+
+    def cache_prefix(self, model: str) -> CachePrefix | None:
+        if self.prefix is None:
+            return None
+        count, ttl = self.prefix
+        blob = json.dumps([model, self.seen[:count]], sort_keys=True, separators=(",", ":"))
+        return CachePrefix(hashlib.sha256(blob.encode()).hexdigest(), self.prefix_tokens, ttl)
 
 
 def check_params(params: Any) -> tuple[Checked, list[tuple[str, tuple[int, int], Any]]]:
@@ -176,13 +285,18 @@ def check_params(params: Any) -> tuple[Checked, list[tuple[str, tuple[int, int],
     if not isinstance(params, dict):
         raise _invalid("The request body is not valid JSON")
     _check_options(params)
-    images, chars = [], len(params["system"]) if isinstance(params.get("system"), str) else 0
+    images, walk = [], _Walk()
+    system = params.get("system")
+    if isinstance(system, str):
+        walk.take({"type": "text", "text": system}, "system")
+    for j, block in enumerate(system if isinstance(system, list) else ()):
+        walk.take(block, f"system.{j}")
     for i, message in enumerate(params["messages"]):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise _invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         content = message.get("content")
         if isinstance(content, str):
-            chars += len(content)
+            walk.take({"type": "text", "text": content}, f"messages.{i}.content")
             continue
         if not isinstance(content, list):
             raise _invalid(f"messages.{i}.content: Input should be a valid list")
@@ -190,17 +304,18 @@ def check_params(params: Any) -> tuple[Checked, list[tuple[str, tuple[int, int],
             where = f"messages.{i}.content.{j}"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
-                chars += len(block["text"])
+                walk.take(block, where)
             elif kind == "image":
                 images.append(_image(block, where))
+                walk.take(block, where, image_tokens(*images[-1][1]))
             else:
                 raise _invalid(f"{where}: Input tag {kind!r} does not match any of the expected tags")
     fmt = (params.get("output_config") or {}).get("format") if isinstance(params.get("output_config"), dict) else None
     schema = fmt.get("schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
     first = images[0] if images else (None, None, None)
-    tokens = sum(image_tokens(*size) for _, size, _ in images) + _text_tokens(chars)
+    tokens = walk.image_tokens + _text_tokens(walk.chars)
     checked = Checked(params["model"], params["max_tokens"], bool(params.get("stream")), schema, first[0],
-                      first[1], first[2], tokens)
+                      first[1], first[2], tokens, walk.cache_prefix(params["model"]))
     return checked, images
 
 
@@ -216,22 +331,30 @@ class Message:
     model: str
     text: str
     stop_reason: str | None
-    input_tokens: int
+    input_tokens: int  # the prompt's tokens that were neither read from nor written to the cache
     output_tokens: int
     usage: bool = True  # False: the "no_usage" fault leaves usage out
+    cache_read: int = 0  # cache_read_input_tokens
+    cache_write: int = 0  # cache_creation_input_tokens
+
+    def usage_object(self, output_tokens: int) -> dict[str, Any]:
+        """The `usage` object (Messages docs; the cache counts are outside input_tokens)."""
+        return {"input_tokens": self.input_tokens, "output_tokens": output_tokens,
+                "cache_creation_input_tokens": self.cache_write, "cache_read_input_tokens": self.cache_read}
 
     def as_object(self) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                                 "content": [{"type": "text", "text": self.text}], "stop_reason": self.stop_reason,
                                 "stop_sequence": None}
         if self.usage:
-            body["usage"] = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+            body["usage"] = self.usage_object(self.output_tokens)
         return body
 
 
-def compose(checked: Checked, fault: str | None = None) -> Message:
-    """The answer to a checked request: the pixel caption (or a schema's object), cut at max_tokens."""
+def compose(checked: Checked, fault: str | None = None, cached: tuple[int, int] = (0, 0)) -> Message:
+    """The answer to a checked request: the pixel caption (or a schema's object), cut at max_tokens.
+
+    `cached` is (tokens read from the cache, tokens written to it), both taken out of input_tokens."""
     if checked.size is None:
         text = "I see no image in this message."
     else:
@@ -245,8 +368,9 @@ def compose(checked: Checked, fault: str | None = None) -> Message:
         text, stop = text[: 4 * checked.max_tokens], "max_tokens"
     if fault == "no_finish":
         stop = None
-    return Message(new_id("msg_"), checked.model, text, stop, checked.input_tokens, _text_tokens(len(text)),
-                   usage=fault != "no_usage")
+    read, written = cached
+    return Message(new_id("msg_"), checked.model, text, stop, checked.input_tokens - read - written,
+                   _text_tokens(len(text)), usage=fault != "no_usage", cache_read=read, cache_write=written)
 
 
 def _event(name: str, data: Any) -> bytes:
@@ -258,7 +382,7 @@ def stream_events(message: Message, fault: str | None) -> list[bytes]:
     """The documented sequence: message_start, content_block_start, ping, deltas, content_block_stop,
     message_delta (stop_reason, output usage), message_stop; shaped by the stream faults."""
     start = message.as_object() | {"content": [], "stop_reason": None}
-    start["usage"] = {"input_tokens": message.input_tokens, "output_tokens": 1} if message.usage else None
+    start["usage"] = message.usage_object(1) if message.usage else None
     if not message.usage:
         del start["usage"]
     words = [w for w in re.split(r"(?<=\s)(?=\S)", message.text) if w]
@@ -315,6 +439,8 @@ class AnthropicMessages:
 
     def __init__(self, core: Core):
         self._core = core
+        self._cache = PromptCache()  # under the core's lock
+        core.on_reset(self._cache.clear)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._handle)
@@ -375,8 +501,15 @@ class AnthropicMessages:
             message = (verdict.body or {}).get("error", {}).get("message", "rate limited")
             return json_response(429, error_object("rate_limit_error", message), headers)
         fault, retry_after_s = self._core.pop_fault()
-        message = compose(checked, fault)
+        message = compose(checked, fault, self._use_cache(checked, fault))
         return await self._answer(request, arrival, checked, message, fault, retry_after_s, headers)
+
+    def _use_cache(self, checked: Checked, fault: str | None) -> tuple[int, int]:
+        """(read, written) cache tokens of a request the server answers (an error answer caches nothing)."""
+        if _fault_response(fault, checked.stream, None, {}) is not None:
+            return 0, 0
+        with self._core.lock:
+            return self._cache.use(checked.model, checked.cache_prefix, time.monotonic())
 
     async def _answer(self, request: web.Request, arrival: float, checked: Checked, message: Message,
                       fault: str | None, retry_after_s: float | None, headers: dict[str, str]) -> web.StreamResponse:

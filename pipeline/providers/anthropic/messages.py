@@ -14,6 +14,9 @@ References:
   message_stop, ping, error events): https://docs.anthropic.com/en/docs/build-with-claude/streaming
 - Structured outputs (`output_config.format` json_schema):
   https://platform.claude.com/docs/en/build-with-claude/structured-outputs
+- Prompt caching (`system` as text blocks, `cache_control: {"type": "ephemeral"}` on the last block
+  caches the prefix up to it; usage `cache_creation_input_tokens` and `cache_read_input_tokens`,
+  both outside `input_tokens`): https://platform.claude.com/docs/en/build-with-claude/prompt-caching
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def build_body(job: Job, image: Encoded, *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model": job.endpoint.model, "max_tokens": prompt.max_tokens,
                             "messages": [{"role": "user", "content": content}]}
     if prompt.system:
-        body["system"] = prompt.system
+        body["system"] = _system(prompt.system, cache=prompt.cache)
     if prompt.temperature is not None:
         body["temperature"] = prompt.temperature
     if job.structured.format == "json_schema":
@@ -160,6 +163,15 @@ def build_body(job: Job, image: Encoded, *, stream: bool) -> dict[str, Any]:
     return body
 
 
+def _system(text: str, *, cache: bool) -> str | list[dict[str, Any]]:
+    """The `system` field: the text as it is, or with `cache` one text block marked for the 5-minute
+    cache (Prompt caching docs: a breakpoint caches everything before it and the block itself: tools, then
+    system; the image and the user text come after it and vary)."""
+    if not cache:
+        return text
+    return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+
+
 MAX_TOKEN_COUNT = 2**31 - 1  # the out folder's token columns are int32
 
 
@@ -167,8 +179,10 @@ def parse_usage(raw: Any, output_tokens: Any = None) -> Usage | None:
     """A `Usage` from Anthropic's `usage`; None when absent or not believable.
 
     prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens (Anthropic's
-    input_tokens leaves both out), cached_tokens = cache_read_input_tokens, completion_tokens =
-    output_tokens (`output_tokens` overrides it: a stream's message_delta carries the final count).
+    input_tokens leaves both out; OpenAI's and Gemini's prompt counts include cached tokens, so the
+    column means the same for every protocol), cached_tokens = cache_read_input_tokens,
+    cache_write_tokens = cache_creation_input_tokens, completion_tokens = output_tokens (`output_tokens`
+    overrides it: a stream's message_delta carries the final count).
     """
     if not isinstance(raw, dict) or "input_tokens" not in raw:
         return None
@@ -183,7 +197,8 @@ def parse_usage(raw: Any, output_tokens: Any = None) -> Usage | None:
     if prompt + output > MAX_TOKEN_COUNT:
         return None
     return Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
-                 cached_tokens=read if "cache_read_input_tokens" in raw else None)
+                 cached_tokens=read if "cache_read_input_tokens" in raw else None,
+                 cache_write_tokens=written if "cache_creation_input_tokens" in raw else None)
 
 
 def _checked_result(text: str, model: str, stop_reason: str | None, usage: Usage | None,
