@@ -19,7 +19,7 @@ from typing import Any, Literal
 from tenacity import AsyncRetrying
 
 from .. import cost, images
-from ..errors import BadImageError, BadOutputError, BadRequestError, CaptionError, FatalError, JobError
+from ..errors import BadImageError, BadOutputError, CaptionError, FatalError, JobError
 from ..job import ImageSettings, Job
 from ..providers import HttpRequest, Provider
 from ..records import ChatResult, Encoded, Result
@@ -115,13 +115,14 @@ class Captioner:
 
     async def _attempt(self, encoded: Encoded, tokens: int, send: Send) -> ChatResult:
         """One attempt; a request the server refused for a reason the provider learns from
-        (a renamed parameter) is built again and resent at once, within the same attempt."""
+        (a renamed parameter, a flex tier with no room when the job falls back) is built again and
+        resent at once, within the same attempt. No await between `learn` and `build_request`."""
         while True:
             request = self.provider.build_request(encoded, stream=self.job.endpoint.stream)
             try:
                 return await send(request, tokens)
-            except BadRequestError as err:
-                if not self.provider.learn(err, request):
+            except CaptionError as err:
+                if isinstance(err, FatalError) or not self.provider.learn(err, request):
                     raise
 
     # --- rows ------------------------------------------------------------------------------

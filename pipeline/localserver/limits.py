@@ -13,6 +13,9 @@ Protocol sources:
 - `x-ratelimit-*` headers, reset values as Go durations ("6m0s", "1s"), TPM counting `max_tokens`,
   rejected requests counting against RPM: https://platform.openai.com/docs/guides/rate-limits
 - error body and status meanings: https://platform.openai.com/docs/guides/error-codes
+- flex processing's "429 Resource Unavailable" (not billed, not a rate limit):
+  https://platform.openai.com/docs/guides/flex-processing (the body's exact words are not documented; the
+  fault's are ours, with the documented status and name)
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ FAULT_ERRORS: dict[str, tuple[int, str, str, str | None]] = {
         "You exceeded your current quota, please check your plan and billing details.",
         "insufficient_quota",
         "insufficient_quota",
+    ),
+    # a flex request flex has no capacity for (OpenAI chat route; queue it before flex requests)
+    "429_flex": (
+        429,
+        "Resource Unavailable: flex processing has no capacity for this request right now. Retry later, "
+        "or send it at the default service tier.",
+        "resource_unavailable",
+        "resource_unavailable",
     ),
 }
 CONTENT_FAULTS = {"empty": "", "bad_json": "Sure! Here is the JSON you asked for: {caption: "}

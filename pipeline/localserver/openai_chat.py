@@ -19,6 +19,9 @@ Protocol sources:
   https://platform.openai.com/docs/api-reference/chat/streaming
 - structured outputs (`response_format` json_schema and json_object):
   https://platform.openai.com/docs/guides/structured-outputs
+- `service_tier`: the answer (and every chunk) names the tier it was served at, "default" for a request
+  that asked for "auto", "default" or nothing: https://platform.openai.com/docs/api-reference/chat/object
+  and https://platform.openai.com/docs/guides/flex-processing
 - event-stream framing (`data: ...` lines, a blank line ends an event):
   https://html.spec.whatwg.org/multipage/server-sent-events.html
 """
@@ -70,6 +73,7 @@ class Completion:
     content: str
     finish_reason: str | None
     usage: dict[str, Any] | None
+    service_tier: str = "default"  # the tier the answer is served at
 
     def as_object(self) -> dict[str, Any]:
         """The chat.completion object (API reference, "The chat completion object")."""
@@ -86,6 +90,7 @@ class Completion:
                     "finish_reason": self.finish_reason,
                 }
             ],
+            "service_tier": self.service_tier,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if self.usage is not None:
@@ -99,6 +104,7 @@ class Completion:
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
+            "service_tier": self.service_tier,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
@@ -152,7 +158,8 @@ def compose(fields: Fields, caption: str, prompt_tokens: int, fault: str | None)
         usage = None
     if fault == "no_finish":
         finish = None
-    return Completion(new_id("chatcmpl-"), int(time.time()), model, text, finish, usage)
+    tier = fields.service_tier if fields.service_tier in ("flex", "priority") else "default"
+    return Completion(new_id("chatcmpl-"), int(time.time()), model, text, finish, usage, tier)
 
 
 def complete(fields: Fields, picture: Picture, prompt_tokens: int, fault: str | None = None) -> Completion:

@@ -15,6 +15,7 @@ Protocol sources:
   plus 85): https://platform.openai.com/docs/guides/images-vision
 - reasoning models reject `max_tokens` and non-default `temperature`:
   https://platform.openai.com/docs/guides/reasoning
+- `service_tier` ("auto", "default", "flex", "priority"): https://platform.openai.com/docs/api-reference/chat
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .pixels import make_thumb
 from .wire import RequestError, invalid
 
 REASONING_PREFIX = "local-reasoning"  # models named so emulate OpenAI's reasoning models
+SERVICE_TIERS = ("auto", "default", "flex", "priority")  # chat API reference, `service_tier`
 
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,", re.IGNORECASE)
 _MIME_BY_FORMAT = {  # Pillow format → the MIME type a data URL must declare for it
@@ -62,6 +64,7 @@ class Fields:
     detail: str | None = None
     image_mime: str | None = None
     response_format: Any = None  # as sent: {"type": "json_schema", "json_schema": {...}} or the like
+    service_tier: Any = None  # as sent: "auto", "default", "flex", "priority", or None when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,7 @@ def read_fields(payload: Any) -> Fields:
         detail=image.get("detail") if isinstance(image.get("detail"), str) else None,
         image_mime=match.group(1).lower() if match else None,
         response_format=payload.get("response_format"),
+        service_tier=payload.get("service_tier"),
     )
 
 
@@ -189,6 +193,10 @@ def _check_options(payload: dict[str, Any]) -> None:
             raise invalid("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
     for name in ("max_tokens", "max_completion_tokens"):
         _check_token_budget(name, payload.get(name))
+    tier = payload.get("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise invalid(f"Invalid value: {json.dumps(tier)}. Supported values are: 'auto', 'default', 'flex' and "
+                      "'priority'.", "service_tier", "invalid_value")
     temperature = payload.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
         raise invalid("Invalid type for 'temperature': expected a number.", "temperature", "invalid_type")

@@ -11,12 +11,19 @@ References:
   https://platform.openai.com/docs/api-reference/chat
 - Structured outputs (`response_format`, refusals): https://platform.openai.com/docs/guides/structured-outputs
 - Reasoning models (`max_completion_tokens`): https://platform.openai.com/docs/guides/reasoning
+- `service_tier` (request: "auto", "default", "flex"; the answer says the tier it was served at) and
+  flex processing: https://platform.openai.com/docs/api-reference/chat and
+  https://platform.openai.com/docs/guides/flex-processing
+- Prompt caching (automatic for prompts of 1,024 tokens or more, reads in `cached_tokens`;
+  `prompt_cache_key` routes requests sharing a prefix together): https://platform.openai.com/docs/guides/prompt-caching
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +36,7 @@ from ...redaction import keep_secret
 from ..base import HttpRequest
 from ..sse import SSEDecoder, SSEEvent
 from .errors import (
+    FlexUnavailableError,
     classify_response,
     describe_body,
     loads_or_none,
@@ -45,11 +53,12 @@ log = logging.getLogger(__name__)
 TOKEN_PARAM = "token_param"  # learned: which name max_tokens goes by
 DROPPED = "dropped"  # learned: the sampling parameters the server refuses
 DROPPABLE = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-                       "top_logprobs", "reasoning_effort"})
+                       "top_logprobs", "reasoning_effort", "prompt_cache_key"})
 """Parameters the job may set that change how an answer is sampled, not what is asked: when the server
 names one as unsupported (reasoning models refuse a non-default temperature: "Unsupported value:
 'temperature' does not support 0.2 with this model", https://platform.openai.com/docs/guides/reasoning),
-captioning without it beats failing every image."""
+captioning without it beats failing every image. `prompt_cache_key` ([prompt] cache) only helps the
+cache, so a server that does not know it (a relay, vLLM) is not sent it again."""
 
 
 class OpenAIProvider:
@@ -60,6 +69,10 @@ class OpenAIProvider:
     `max_completion_tokens`), and which sampling parameters it refuses ("Unsupported parameter:
     'temperature' ...", "Unsupported value: 'temperature' does not support 0.2 ..."): those are
     dropped. Each is switched once and logged, and the refused request is sent again at once.
+
+    With `flex_fallback = "auto"`, a flex request refused for want of capacity (429 "Resource
+    Unavailable") is sent again at once at the default tier: `learn` says so and the very next
+    `build_request`, which the Captioner makes without an await in between, leaves `service_tier` out.
     """
 
     name = "openai"
@@ -75,10 +88,15 @@ class OpenAIProvider:
         self.token_param = "max_tokens"
         self.streams_usage = False  # this run's server has sent a usage chunk at the end of a stream
         self.dropped: tuple[str, ...] = ()  # sampling parameters the server refused, never sent again
+        self._default_tier_next = False  # learn() owes the refused flex request a resend at the default tier
         self._image_formula = cost.image_formula(job.endpoint.model)  # for the TPM count before sending
 
     def build_request(self, image: Encoded, *, stream: bool) -> HttpRequest:
-        return HttpRequest(self.url, self._headers, self.body(image, stream=stream), stream)
+        body = self.body(image, stream=stream)
+        if self._default_tier_next:  # the resend of a flex request flex had no room for
+            self._default_tier_next = False
+            body.pop("service_tier", None)
+        return HttpRequest(self.url, self._headers, body, stream)
 
     def body(self, image: Encoded, *, stream: bool) -> dict[str, Any]:
         """The request body as the server wants it now (what `learn` learned applied)."""
@@ -116,6 +134,8 @@ class OpenAIProvider:
         return settings
 
     def learn(self, err: CaptionError, sent: HttpRequest | None = None) -> bool:
+        if isinstance(err, FlexUnavailableError):
+            return self._fall_back(sent)
         if not isinstance(err, BadRequestError):
             return False
         if wants_max_completion_tokens(err):
@@ -131,6 +151,14 @@ class OpenAIProvider:
             self.dropped += (name,)
             log.warning("server rejects %s for %s; not sending it from now on", name, self.job.endpoint.model)
         return sent is None or name in sent.body
+
+    def _fall_back(self, sent: HttpRequest | None) -> bool:
+        """True when the flex request `sent` is to go again at once at the default tier (flex_fallback)."""
+        if self.job.endpoint.flex_fallback != "auto" or sent is None or sent.body.get("service_tier") != "flex":
+            return False
+        log.debug("flex has no capacity for this request (429 Resource Unavailable); resending at the default tier")
+        self._default_tier_next = True
+        return True
 
     def learned(self) -> dict[str, str]:
         found = {TOKEN_PARAM: self.token_param} if self.token_param != "max_tokens" else {}
@@ -170,11 +198,24 @@ def build_payload(job: Job, data_url: str, *, stream: bool, token_param: str = "
         payload["reasoning_effort"] = prompt.reasoning_effort
     if (response_format := _response_format(job)) is not None:
         payload["response_format"] = response_format
+    if job.endpoint.service_tier is not None:
+        payload["service_tier"] = job.endpoint.service_tier
+    if prompt.cache:
+        payload["prompt_cache_key"] = prompt_cache_key(job)
     if stream:
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
     payload.update(job.extra)
     return payload
+
+
+def prompt_cache_key(job: Job) -> str:
+    """The `prompt_cache_key` of a job with `[prompt] cache`: one per model and prompt, so every request
+    of the job (and of a resumed run) shares it. OpenAI caches prefixes of 1,024 tokens or more by
+    itself; the key only helps requests with the same prefix reach the same cache (prompt caching guide)."""
+    prompt = job.prompt
+    text = json.dumps([job.endpoint.model, prompt.system, prompt.user, prompt.language], ensure_ascii=False)
+    return "caption-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _response_format(job: Job) -> dict[str, Any] | None:
@@ -258,7 +299,7 @@ def _message_text(content: Any) -> str:
 
 
 def _checked_result(text: str, model: str, finish: str | None, usage: Usage | None, request_id: str | None,
-                    refusal: str = "", usage_rejected: bool = False) -> ChatResult:
+                    refusal: str = "", usage_rejected: bool = False, service_tier: str | None = None) -> ChatResult:
     """The answer as a ChatResult, if it is one: no finish_reason or no text is a failure.
 
     Gateways such as one-api/new-api drop an upstream error and still end cleanly, so a clean end
@@ -277,7 +318,15 @@ def _checked_result(text: str, model: str, finish: str | None, usage: Usage | No
         raise TransientError(f"empty caption, finish_reason={finish} (an upstream may have dropped the answer)",
                              status=200, request_id=request_id)
     return ChatResult(text=text.strip(), model=model, finish_reason=finish, usage=usage, request_id=request_id,
-                      usage_rejected=usage_rejected and usage is None)
+                      usage_rejected=usage_rejected and usage is None, service_tier=service_tier)
+
+
+_TIER = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def _tier(value: Any) -> str | None:
+    """The answer's `service_tier` ("default", "flex", ...) when it looks like one; None otherwise."""
+    return value if isinstance(value, str) and _TIER.fullmatch(value) else None
 
 
 def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
@@ -298,6 +347,7 @@ def parse_completion(body: bytes, request_id: str | None) -> ChatResult:
         request_id or _text(data.get("id")),
         refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else "",
         usage_rejected=_rejected(data.get("usage")),
+        service_tier=_tier(data.get("service_tier")),
     )
 
 
@@ -314,6 +364,7 @@ class _StreamState:
     chunk_id: str | None = None
     usage_chunk: bool = False  # a chunk carried `usage` (believable or not)
     usage_rejected: bool = False  # one carried counts not worth believing
+    service_tier: str | None = None  # the tier the chunks say the answer is served at
 
     def take(self, event: SSEEvent, headers: Mapping[str, str]) -> None:
         """Fold one event in; raise the typed error an error event means."""
@@ -331,6 +382,7 @@ class _StreamState:
             raise error or TransientError("error event in the stream", status=200)
         self.model = _text(chunk.get("model")) or self.model
         self.chunk_id = self.chunk_id or _text(chunk.get("id"))
+        self.service_tier = _tier(chunk.get("service_tier")) or self.service_tier
         if chunk.get("usage") is not None:
             self.usage_chunk = True
             self.usage = parse_usage(chunk.get("usage")) or self.usage
@@ -359,7 +411,7 @@ class _StreamState:
                                  request_id=request_id or self.chunk_id)
         return _checked_result("".join(self.parts), self.model, self.finish_reason, self.usage,
                                request_id or self.chunk_id, refusal="".join(self.refusal),
-                               usage_rejected=self.usage_rejected)
+                               usage_rejected=self.usage_rejected, service_tier=self.service_tier)
 
 
 class _StreamParser:

@@ -8,6 +8,8 @@ the wait and the `x-ratelimit-*` counts. Pure: no I/O, no retries.
 References:
 - Error codes: https://platform.openai.com/docs/guides/error-codes
 - Rate-limit headers: https://platform.openai.com/docs/guides/rate-limits
+- Flex processing ("429 Resource Unavailable": flex lacks capacity; not billed; retry with backoff or
+  at the standard tier): https://platform.openai.com/docs/guides/flex-processing
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ...records import RateInfo
 from ...redaction import redact
 from ..http import loads_or_none
 
-__all__ = ["QUOTA_CODES", "classify_response", "describe_body", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
+__all__ = ["QUOTA_CODES", "FlexUnavailableError", "classify_response", "describe_body", "loads_or_none", "parse_duration", "parse_rate_info", "parse_retry_after",
            "parse_rate_window", "request_id_of", "unsupported_parameter", "wants_max_completion_tokens"]
 
 QUOTA_CODES = frozenset(
@@ -52,6 +54,8 @@ _QUOTA_MESSAGES = re.compile(
     re.IGNORECASE,
 )
 _QUOTA_SUFFIX = "_spend_limit_exceeded"
+_RESOURCE_UNAVAILABLE = re.compile(r"resource[ _]unavailable|resources? (?:are|is) (?:currently |temporarily )?"
+                                   r"unavailable", re.IGNORECASE)
 _TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 
@@ -67,6 +71,15 @@ REQUEST_ID_HEADERS = ("x-request-id", "request-id", "llm_provider-x-request-id")
 """Where the server's request id is: OpenAI's `x-request-id`, Anthropic-style `request-id`, and
 LiteLLM's copy of the upstream's, renamed with its `llm_provider-` prefix
 (https://docs.litellm.ai/docs/proxy/response_headers)."""
+
+
+class FlexUnavailableError(TransientError):
+    """A flex request's 429 "Resource Unavailable": flex has no capacity for it right now (not billed).
+
+    Not a rate limit: nothing we send too fast caused it, so it is retried with backoff like any
+    transient failure and never pauses the run nor lowers its limits; with `flex_fallback = "auto"`
+    the provider resends it at once at the default tier (`OpenAIProvider.learn`).
+    """
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -168,6 +181,9 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes | dic
         return QuotaError(message, **kw)
     if status == 200 and code.isdigit() and 400 <= int(code) < 500 and int(code) not in (408, 409, 429):
         status = int(code)  # an error event carrying an HTTP code (vLLM): classify it as that status
+    if status == 429 and (code in ("resource_unavailable", "resource_unavailable_error")
+                          or _RESOURCE_UNAVAILABLE.search(message)):
+        return FlexUnavailableError(message, **kw)
     if status == 429 or (status == 200 and "rate_limit" in code):
         return _rate_limit_error(message, headers, kw)
     if status in (401, 403):
