@@ -18,7 +18,7 @@ from ..errors import JobError
 from .tokens import longest_prefix, model_key
 
 __all__ = ["Price", "PriceTable", "PRICE_FILE_EXAMPLE", "BUNDLED_PRICES", "load_prices", "parse_price_table",
-           "cost_usd", "format_usd"]
+           "cost_usd", "format_usd", "price_mode"]
 
 BUNDLED_PRICES = "prices.toml"  # beside the pipeline package (package data)
 TOKENS_PER_PRICE_UNIT = 1_000_000
@@ -30,6 +30,7 @@ cached_input = 0.10   # optional; default: input
 output = 1.60         # USD per 1M completion tokens (reasoning tokens included)
 batch_input = 0.20    # optional; without them batch cost is unknown
 batch_output = 0.80
+cache_write = 0.50    # optional: prompt tokens written to the cache (Anthropic); default: input
 source = "https://example.com/pricing"
 as_of = "2026-01-31\""""
 """A price file row, shown to users whose model has no price."""
@@ -48,19 +49,42 @@ class Price:
     batch_input: float | None = None  # Batch API prompt tokens; None: no batch price known
     batch_output: float | None = None  # Batch API completion tokens
     note: str = ""  # how the row was checked, caveats
+    cache_write: float | None = None  # prompt tokens written to the cache (Anthropic, 5-minute TTL); None: as input
+    flex_input: float | None = None  # OpenAI flex tier; None: the batch prices (flex is priced as Batch)
+    flex_cached_input: float | None = None  # flex prompt tokens from the cache; None: flex input
+    flex_output: float | None = None
 
     def rates(self, mode: str) -> tuple[float, float, float] | None:
-        """(input, cached input, output) per 1M tokens for `mode`; None if the mode has no price.
+        """(input, cached input, output) per 1M tokens for `mode` ("online", "batch" or "flex");
+        None if the mode has no price.
 
         At batch prices cached tokens cost the batch input price: no cache discount is assumed on
-        top of the batch discount.
+        top of the batch discount. Flex is priced at Batch API rates (flex processing guide), with
+        the flex_* fields where a row has them (the pricing page's Flex tab, cached input included).
         """
-        if mode == "batch":
+        if mode == "flex" and self.flex_input is not None and self.flex_output is not None:
+            cached = self.flex_input if self.flex_cached_input is None else self.flex_cached_input
+            return self.flex_input, cached, self.flex_output
+        if mode in ("batch", "flex"):
             if self.batch_input is None or self.batch_output is None:
                 return None
             return self.batch_input, self.batch_input, self.batch_output
         cached = self.input if self.cached_input is None else self.cached_input
         return self.input, cached, self.output
+
+    def write_rate(self, mode: str) -> float | None:
+        """Per 1M prompt tokens written to the cache in `mode`; None if the mode has no price.
+
+        Online: `cache_write` (Anthropic: 1.25 × input for the 5-minute cache), else the input price
+        (OpenAI and Gemini charge nothing extra to write). Batch and flex: the same multiple of their
+        input price (Anthropic: the batch discount and the caching multipliers stack).
+        """
+        rates = self.rates(mode)
+        if rates is None:
+            return None
+        if self.cache_write is None or self.input <= 0:
+            return rates[0]
+        return self.cache_write if mode == "online" else rates[0] * self.cache_write / self.input
 
 
 _PRICE_FIELDS = {f.name for f in fields(Price)} - {"model"}
@@ -132,20 +156,32 @@ def _parse_price(name: str, row: Any, origin: str) -> Price:
                  **numbers)
 
 
-def cost_usd(price: Price, mode: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-             ) -> float | None:
-    """Return what the tokens cost at `price` in `mode` ("online" or "batch"), None if no such price.
+def cost_usd(price: Price, mode: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+             cache_write_tokens: int = 0) -> float | None:
+    """Return what the tokens cost at `price` in `mode` ("online", "batch" or "flex"), None if no such price.
 
-    Cached prompt tokens (a subset of `prompt_tokens`) cost the cached input price online;
-    completion tokens, reasoning tokens included, cost the output price.
+    Cached prompt tokens and prompt tokens written to the cache are both part of `prompt_tokens`
+    (as every protocol's row counts them): the first cost the cached input price, the second the
+    cache-write price (`Price.write_rate`), the rest the input price; completion tokens, reasoning
+    tokens included, cost the output price.
     """
     rates = price.rates(mode)
     if rates is None:
         return None
     input_rate, cached_rate, output_rate = rates
     cached = min(max(cached_tokens, 0), prompt_tokens)
-    dollars = ((prompt_tokens - cached) * input_rate + cached * cached_rate + completion_tokens * output_rate)
+    written = min(max(cache_write_tokens, 0), prompt_tokens - cached)
+    dollars = ((prompt_tokens - cached - written) * input_rate + cached * cached_rate
+               + written * price.write_rate(mode) + completion_tokens * output_rate)
     return dollars / TOKENS_PER_PRICE_UNIT
+
+
+def price_mode(mode: str | None, service_tier: str | None) -> str:
+    """The prices a row is billed at: "flex" for an online answer served at OpenAI's flex tier
+    (the response's `service_tier`), else its mode ("online" or "batch")."""
+    if (mode or "online") == "online" and service_tier == "flex":
+        return "flex"
+    return mode or "online"
 
 
 def format_usd(value: float | None) -> str:

@@ -97,6 +97,8 @@ class Estimate:
     limits: Limits
     comparison: tuple[ScenarioFigures, ...]
     elapsed_s: float  # how long this estimate took
+    prices_mode: str = "online"  # the prices used: the mode's, or "flex" for service_tier = "flex" online
+    cache: cost.CacheSplit | None = None  # [prompt] cache = true: the prompt tokens a cache writes and reads
 
     @property
     def completion_tokens(self) -> int:
@@ -128,6 +130,11 @@ class Estimate:
             "latency_s": self.latency_s, "concurrency": self.limits.concurrency, "rpm": self.limits.rpm,
             "tpm": self.limits.tpm,
             "comparison": [_scenario_dict(f) for f in self.comparison],
+            "prices_mode": self.prices_mode,
+            "cache": None if self.cache is None else {
+                "prefix_tokens": self.cache.prefix_tokens, "min_tokens": self.cache.minimum,
+                "cached": self.cache.cached, "cache_write_tokens": self.cache.write_tokens,
+                "cached_tokens": self.cache.read_tokens},
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round((self.images + self.errors) / self.elapsed_s) if self.elapsed_s > 0 else None,
         }
@@ -176,6 +183,8 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
     main_tokens = tallies[main].tokens
     price = prices.find(job.endpoint.model)
     time_s, limited_by = _time_at_limits(job.limits, count, main_tokens.total, job.prompt.max_tokens, latency_s)
+    pricing = cost.price_mode(mode, job.endpoint.service_tier)
+    split = _cache_split(job, job.endpoint.model, count)
     return Estimate(
         input=str(input_path), model=main.model, mode=mode, detail=main.detail, max_side=main.max_side,
         token_budget=main.token_budget,
@@ -185,12 +194,21 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
         completion_tokens_per_image=per_output,
         completion_from="max_tokens" if expected_output_tokens is None else "--expected-output-tokens",
         price=price,
-        input_cost_usd=_price_tokens(price, mode, main_tokens.total, 0),
-        output_cost_usd=_price_tokens(price, mode, 0, count * per_output),
+        input_cost_usd=_price_tokens(price, pricing, main_tokens.total, 0, split),
+        output_cost_usd=_price_tokens(price, pricing, 0, count * per_output),
         time_s=time_s, time_limited_by=limited_by, latency_s=latency_s, limits=job.limits,
-        comparison=tuple(_figures(t, t.scenario == main, prices, mode, count * per_output) for t in tallies.values()),
-        elapsed_s=elapsed,
+        comparison=tuple(_figures(t, t.scenario == main, prices, pricing, count * per_output,
+                                  _cache_split(job, t.scenario.model, count)) for t in tallies.values()),
+        elapsed_s=elapsed, prices_mode=pricing, cache=split,
     )
+
+
+def _cache_split(job: Job, model: str, count: int) -> cost.CacheSplit | None:
+    """With `[prompt] cache = true`: the first request writes the cacheable prefix and the rest read it,
+    when it is long enough for `model` (`cost.cache_split`); None without it."""
+    if not job.prompt.cache:
+        return None
+    return cost.cache_split(job.endpoint.api, model, job.prompt.system, job.prompt.user, count)
 
 
 def _scenarios(main: Scenario, models: tuple[str, ...]) -> list[Scenario]:
@@ -249,15 +267,20 @@ def _time_at_limits(limits: Limits, count: int, prompt_tokens: int, max_tokens: 
     return bounds[limited_by], limited_by
 
 
-def _price_tokens(price: cost.Price | None, mode: Mode, prompt: int, completion: int) -> float | None:
-    return None if price is None else cost.cost_usd(price, mode, prompt, completion)
+def _price_tokens(price: cost.Price | None, mode: str, prompt: int, completion: int,
+                  split: cost.CacheSplit | None = None) -> float | None:
+    if price is None:
+        return None
+    read, written = (split.read_tokens, split.write_tokens) if split is not None else (0, 0)
+    return cost.cost_usd(price, mode, prompt, completion, read, written)
 
 
-def _figures(tally: _Tally, is_job: bool, prices: cost.PriceTable, mode: Mode, completion: int) -> ScenarioFigures:
+def _figures(tally: _Tally, is_job: bool, prices: cost.PriceTable, mode: str, completion: int,
+             split: cost.CacheSplit | None) -> ScenarioFigures:
     price = prices.find(tally.scenario.model)
     return ScenarioFigures(scenario=tally.scenario, formula=tally.formula.family, prompt_tokens=tally.tokens.total,
                            per_image=tally.tokens.summary(),
-                           cost_usd=_price_tokens(price, mode, tally.tokens.total, completion), is_job=is_job)
+                           cost_usd=_price_tokens(price, mode, tally.tokens.total, completion, split), is_job=is_job)
 
 
 def _price_dict(price: cost.Price | None) -> dict[str, Any] | None:
@@ -290,12 +313,13 @@ def format_estimate(est: Estimate, *, as_json: bool = False) -> str:
         + (f" ({est.errors:,} unreadable)" if est.errors else "")
         + f"; headers read at {rate:,.0f} images/s; nothing was sent",
         f"model {est.model} (image tokens: {est.formula}), detail {est.detail}, max_side {est.max_side}"
-        + (f", token_budget {est.token_budget:,}" if est.token_budget is not None else "") + f", {est.mode} prices",
+        + (f", token_budget {est.token_budget:,}" if est.token_budget is not None else "") + f", {est.prices_mode} prices",
         f"prompt tokens: {est.prompt_tokens:,}; per image p50 {p['p50']:,}, p90 {p['p90']:,}, max {p['max']:,} "
         f"(text {est.text_tokens:,} of each)",
         f"completion tokens: {est.completion_tokens:,} ({est.completion_tokens_per_image:,} per image from "
         + ("--expected-output-tokens)" if est.completion_from != "max_tokens"
            else "max_tokens, an upper bound; --expected-output-tokens N gives a closer figure)"),
+        *_cache_lines(est),
         _cost_line(est),
         _time_line(est),
     ]
@@ -304,7 +328,7 @@ def format_estimate(est: Estimate, *, as_json: bool = False) -> str:
     lines += [f"unreadable: {example}" for example in est.error_examples]
     if est.errors > len(est.error_examples):
         lines.append(f"unreadable: ... and {est.errors - len(est.error_examples):,} more")
-    lines += ["", f"the same folder with other settings (cost = input + output at {est.mode} prices):"]
+    lines += ["", f"the same folder with other settings (cost = input + output at {est.prices_mode} prices):"]
     lines += _comparison_table(est.comparison)
     return "\n".join(lines)
 
@@ -315,11 +339,26 @@ def _cost_line(est: Estimate) -> str:
         return (f"cost: unknown, no price for {est.model!r}. Add a row to a TOML price file and pass "
                 f"--prices FILE (or set [cost] prices = \"FILE\" in the job):\n" + _indent(example, 6))
     if est.cost_usd is None:
-        return (f"cost: unknown, the price row for {est.price.model!r} has no {est.mode} prices "
+        return (f"cost: unknown, the price row for {est.price.model!r} has no {est.prices_mode} prices "
                 "(add batch_input and batch_output)")
     usd = cost.format_usd
     return (f"cost: {usd(est.cost_usd)} (input {usd(est.input_cost_usd)} + output {usd(est.output_cost_usd)}) "
-            f"at {est.price.model} {est.mode} prices ({est.price.source}, as of {est.price.as_of})")
+            f"at {est.price.model} {est.prices_mode} prices ({est.price.source}, as of {est.price.as_of})")
+
+
+def _cache_lines(est: Estimate) -> list[str]:
+    """What `[prompt] cache = true` does to the prompt tokens (nothing printed without it)."""
+    split = est.cache
+    if split is None:
+        return []
+    if split.minimum is None:
+        return [f"prompt cache: not modelled for {est.model!r} (no known minimum prefix); priced as plain input"]
+    if not split.cached:
+        return [f"prompt cache: the prefix before the image is {split.prefix_tokens:,} tokens, under the "
+                f"{split.minimum:,} {est.model} caches at least: nothing is cached, all of it is plain input"]
+    return [f"prompt cache: a {split.prefix_tokens:,}-token prefix (at least {split.minimum:,} for {est.model}): "
+            f"the first request writes {split.write_tokens:,} tokens, the other {max(est.images - 1, 0):,} read "
+            f"{split.read_tokens:,} in all (cached input price)"]
 
 
 def _time_line(est: Estimate) -> str:

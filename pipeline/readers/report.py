@@ -32,7 +32,7 @@ __all__ = ["Spend", "Throughput", "Leftover", "Report", "report", "format_report
 
 COLUMNS = ["image_path", "status", "error_kind", "model", "mode", "prompt_tokens", "completion_tokens",
            "total_tokens", "cached_tokens", "reasoning_tokens", "usage_source", "created_at", "dedup_of",
-           "sent_width", "sent_height"]
+           "sent_width", "sent_height", "cache_write_tokens", "service_tier"]
 """The store columns a report reads (Parquet reads only these)."""
 
 NO_MODEL = "(no model)"  # rows that never reached a server (bad_image) have no model
@@ -42,7 +42,8 @@ COUNTED_ALIKE = (0.8, 1.25)
 
 @dataclass(frozen=True, slots=True)
 class Spend:
-    """Tokens and cost of the rows of one model in one mode (online or batch)."""
+    """Tokens and cost of the rows of one model in one mode (online, batch, or flex: online rows the
+    server says it served at OpenAI's flex tier, priced as such)."""
 
     model: str  # as the server named it
     mode: str
@@ -55,6 +56,7 @@ class Spend:
     cost_usd: float | None  # at this mode's prices (what was billed)
     list_usd: float | None  # the same tokens at online list prices, cached tokens at the cached price
     batch_usd: float | None  # the same tokens at Batch API prices
+    cache_write_tokens: int = 0  # prompt tokens written to the cache (inside prompt_tokens), at the write price
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class Report:
     leftover: Leftover | None
     pending_journals: int  # journal segments not yet in a part (a run in progress, or crashed)
     server_count_ratio: dict[str, float] = field(default_factory=dict)  # model → reported / formula prompt tokens
+    cache_write_tokens: int = 0  # prompt tokens written to a provider's cache (inside prompt_tokens)
 
     @property
     def cost_usd(self) -> float:
@@ -162,6 +165,7 @@ class Report:
             "error_kind_rows": self.error_kind_rows, "images": self.images, "image_outcomes": self.image_outcomes,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens, "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "reasoning_tokens": self.reasoning_tokens, "per_image": self.per_image,
             "estimated_rows": self.estimated_rows, "estimated_tokens": self.estimated_tokens,
             "estimated_share": round(self.estimated_share, 4),
@@ -185,6 +189,7 @@ class _Sums:
     rows_with_tokens: int = 0
     prompt: int = 0
     cached: int = 0
+    cache_write: int = 0
     completion: int = 0
     reasoning: int = 0
     total: int = 0
@@ -247,13 +252,15 @@ class _Tally:
 
     def add_row(self, row: dict[str, Any]) -> None:
         status = row["status"] or "error"
-        sums = self.groups.setdefault((row["model"] or NO_MODEL, row["mode"] or "online", status), _Sums())
+        mode = cost.price_mode(row["mode"], row["service_tier"])  # a flex answer is billed at flex prices
+        sums = self.groups.setdefault((row["model"] or NO_MODEL, mode, status), _Sums())
         prompt, completion = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
         total = row["total_tokens"] or 0
         sums.rows += 1
         sums.rows_with_tokens += 1 if total or prompt or completion else 0
         sums.prompt += prompt
         sums.cached += row["cached_tokens"] or 0
+        sums.cache_write += row["cache_write_tokens"] or 0
         sums.completion += completion
         sums.reasoning += row["reasoning_tokens"] or 0
         sums.total += total
@@ -345,6 +352,7 @@ def _token_totals(groups) -> dict[str, int]:
     groups = list(groups)
     return {"prompt_tokens": sum(s.prompt for s in groups), "completion_tokens": sum(s.completion for s in groups),
             "total_tokens": sum(s.total for s in groups), "cached_tokens": sum(s.cached for s in groups),
+            "cache_write_tokens": sum(s.cache_write for s in groups),
             "reasoning_tokens": sum(s.reasoning for s in groups)}
 
 
@@ -354,11 +362,12 @@ def _spend(model: str, mode: str, sums: _Sums, prices: cost.PriceTable) -> Spend
     def at(prices_mode: str) -> float | None:
         if price is None:
             return None
-        return cost.cost_usd(price, prices_mode, sums.prompt, sums.completion, sums.cached)
+        return cost.cost_usd(price, prices_mode, sums.prompt, sums.completion, sums.cached, sums.cache_write)
 
     return Spend(model=model, mode=mode, priced_as=None if price is None else price.model, rows=sums.rows,
                  prompt_tokens=sums.prompt, cached_tokens=sums.cached, completion_tokens=sums.completion,
-                 reasoning_tokens=sums.reasoning, cost_usd=at(mode), list_usd=at("online"), batch_usd=at("batch"))
+                 reasoning_tokens=sums.reasoning, cost_usd=at(mode), list_usd=at("online"), batch_usd=at("batch"),
+                 cache_write_tokens=sums.cache_write)
 
 
 def _priced_sum(groups: list[tuple[tuple[str, str, str], _Sums]], prices: cost.PriceTable) -> float | None:
@@ -368,7 +377,8 @@ def _priced_sum(groups: list[tuple[tuple[str, str, str], _Sums]], prices: cost.P
         if not (sums.prompt or sums.completion):
             continue
         price = prices.find(model)
-        dollars = None if price is None else cost.cost_usd(price, mode, sums.prompt, sums.completion, sums.cached)
+        dollars = None if price is None else cost.cost_usd(price, mode, sums.prompt, sums.completion, sums.cached,
+                                                           sums.cache_write)
         if dollars is None:
             return None
         total += dollars
@@ -405,7 +415,7 @@ def _leftover(input_dir: str | Path, tally: _Tally, ok_images: int, per_image: d
 def _spend_dict(s: Spend) -> dict[str, Any]:
     return {"model": s.model, "mode": s.mode, "priced_as": s.priced_as, "rows": s.rows,
             "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
-            "completion_tokens": s.completion_tokens, "reasoning_tokens": s.reasoning_tokens,
+            "cache_write_tokens": s.cache_write_tokens, "completion_tokens": s.completion_tokens, "reasoning_tokens": s.reasoning_tokens,
             "cost_usd": s.cost_usd, "cost_at_list_usd": s.list_usd, "cost_at_batch_usd": s.batch_usd}
 
 
@@ -434,7 +444,8 @@ def format_report(rep: Report, *, as_json: bool = False) -> str:
         f"images, by their latest row: {_counts(rep.image_outcomes)}",
         f"rows by status: {_counts(rep.status_rows)}"
         + (f"; errors by kind: {_counts(rep.error_kind_rows)}" if rep.error_kind_rows else ""),
-        f"tokens: {rep.total_tokens:,} = prompt {rep.prompt_tokens:,} (cached {rep.cached_tokens:,}) + completion "
+        f"tokens: {rep.total_tokens:,} = prompt {rep.prompt_tokens:,} (cached {rep.cached_tokens:,}"
+        + (f", cache writes {rep.cache_write_tokens:,}" if rep.cache_write_tokens else "") + ") + completion "
         f"{rep.completion_tokens:,} (reasoning {rep.reasoning_tokens:,})",
         f"tokens per ok image: p50 {total['p50']:,}, p90 {total['p90']:,}, max {total['max']:,}, "
         f"mean {total['mean']:,.1f}",
@@ -466,8 +477,9 @@ def _spend_lines(rep: Report) -> list[str]:
              f"all of it at list prices {usd(rep.list_usd)}, at batch prices {usd(rep.batch_usd)}"]
     for s in rep.spend:
         priced = "no price" if s.priced_as is None else f"priced as {s.priced_as}"
-        lines.append(f"  {s.model} {s.mode}: {s.rows:,} rows, prompt {s.prompt_tokens:,} (cached {s.cached_tokens:,}), "
-                     f"completion {s.completion_tokens:,}: {cost.format_usd(s.cost_usd)} ({priced})")
+        writes = f", cache writes {s.cache_write_tokens:,}" if s.cache_write_tokens else ""
+        lines.append(f"  {s.model} {s.mode}: {s.rows:,} rows, prompt {s.prompt_tokens:,} (cached {s.cached_tokens:,}"
+                     f"{writes}), completion {s.completion_tokens:,}: {cost.format_usd(s.cost_usd)} ({priced})")
     if rep.no_batch_price_models:
         lines.append(f"  left out of the batch figure (no batch price): {', '.join(rep.no_batch_price_models)}")
     if rep.unpriced_models:
