@@ -141,7 +141,8 @@ def test_cost_bills_cached_tokens_at_the_cached_price_and_batch_at_batch_prices(
     price = cost.Price(model="m", input=2.0, output=8.0, source="s", as_of="2026-01-01", cached_input=0.5,
                        batch_input=1.0, batch_output=4.0)
     assert cost.cost_usd(price, "online", 1_000_000, 1_000_000, 400_000) == pytest.approx(0.6 * 2 + 0.4 * 0.5 + 8)
-    assert cost.cost_usd(price, "batch", 1_000_000, 1_000_000, 400_000) == pytest.approx(1 + 4)
+    # the cache discount stacks with the batch one: cached at 1.0 x 0.5 / 2.0
+    assert cost.cost_usd(price, "batch", 1_000_000, 1_000_000, 400_000) == pytest.approx(0.6 * 1 + 0.4 * 0.25 + 4)
     no_batch = cost.Price(model="m", input=2.0, output=8.0, source="s", as_of="2026-01-01")
     assert cost.cost_usd(no_batch, "batch", 10, 10) is None
     assert cost.cost_usd(no_batch, "online", 1_000_000, 0, 500_000) == pytest.approx(2.0)  # no cache price: input

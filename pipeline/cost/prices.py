@@ -58,9 +58,10 @@ class Price:
         """(input, cached input, output) per 1M tokens for `mode` ("online", "batch" or "flex");
         None if the mode has no price.
 
-        At batch prices cached tokens cost the batch input price: no cache discount is assumed on
-        top of the batch discount. Flex is priced at Batch API rates (flex processing guide), with
-        the flex_* fields where a row has them (the pricing page's Flex tab, cached input included).
+        At batch prices the cache discount stacks with the batch one: cached tokens cost the batch
+        input price times cached_input / input (Anthropic's pricing page: the multipliers stack; OpenAI's
+        Batch tab lists cached input at half the cached price). Flex is priced at Batch API rates (flex
+        processing guide), with the flex_* fields where a row has them (the pricing page's Flex tab).
         """
         if mode == "flex" and self.flex_input is not None and self.flex_output is not None:
             cached = self.flex_input if self.flex_cached_input is None else self.flex_cached_input
@@ -68,7 +69,8 @@ class Price:
         if mode in ("batch", "flex"):
             if self.batch_input is None or self.batch_output is None:
                 return None
-            return self.batch_input, self.batch_input, self.batch_output
+            share = self.cached_input / self.input if self.cached_input is not None and self.input > 0 else 1.0
+            return self.batch_input, self.batch_input * share, self.batch_output
         cached = self.input if self.cached_input is None else self.cached_input
         return self.input, cached, self.output
 

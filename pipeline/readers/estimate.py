@@ -99,6 +99,7 @@ class Estimate:
     elapsed_s: float  # how long this estimate took
     prices_mode: str = "online"  # the prices used: the mode's, or "flex" for service_tier = "flex" online
     cache: cost.CacheSplit | None = None  # [prompt] cache = true: the prompt tokens a cache writes and reads
+    api: str = "openai"  # the job's protocol (what caching means depends on it)
 
     @property
     def completion_tokens(self) -> int:
@@ -199,7 +200,7 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
         time_s=time_s, time_limited_by=limited_by, latency_s=latency_s, limits=job.limits,
         comparison=tuple(_figures(t, t.scenario == main, prices, pricing, count * per_output,
                                   _cache_split(job, t.scenario.model, count)) for t in tallies.values()),
-        elapsed_s=elapsed, prices_mode=pricing, cache=split,
+        elapsed_s=elapsed, prices_mode=pricing, cache=split, api=job.endpoint.api,
     )
 
 
@@ -351,8 +352,12 @@ def _cache_lines(est: Estimate) -> list[str]:
     split = est.cache
     if split is None:
         return []
+    if split.minimum is None and est.api == "gemini":
+        return ["prompt cache: Gemini caches repeated prefixes by itself (implicit caching); cache = true sends "
+                "nothing more, and no hits are assumed here (a run records them in cached_tokens)"]
     if split.minimum is None:
-        return [f"prompt cache: not modelled for {est.model!r} (no known minimum prefix); priced as plain input"]
+        return [f"prompt cache: no known minimum prefix for {est.model!r}, so no hits are assumed; priced as "
+                "plain input"]
     if not split.cached:
         return [f"prompt cache: the prefix before the image is {split.prefix_tokens:,} tokens, under the "
                 f"{split.minimum:,} {est.model} caches at least: nothing is cached, all of it is plain input"]
