@@ -21,6 +21,7 @@ from pipeline.localserver import LocalServer
 from pipeline.providers.anthropic.messages import build_body, parse_usage
 from pipeline.providers.openai import OpenAIProvider
 from pipeline.providers.openai.errors import FlexUnavailableError, classify_response
+from pipeline.readers.review import _row_cost as review_row_cost
 from pipeline.records import Encoded
 
 IMAGES = ["brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg"]
@@ -167,6 +168,9 @@ def test_cache_writes_reads_and_flex_have_their_own_prices():
     assert table.find("gpt-4.1").rates("flex") == table.find("gpt-4.1").rates("batch")  # no flex row: batch prices
     assert [cost.price_mode(m, t) for m, t in [("online", "flex"), ("online", "default"), ("batch", "flex"),
                                                (None, None)]] == ["flex", "online", "batch", "online"]
+    row = {"model": FLEX_MODEL, "mode": "online", "service_tier": "flex", "prompt_tokens": 1_000_000,
+           "completion_tokens": 0, "cached_tokens": None, "cache_write_tokens": None}
+    assert review_row_cost(row, table) == pytest.approx(0.125)  # the review page prices rows as report does
 
 
 # --- the official SDKs against the bundled endpoint ---------------------------------------------------
@@ -252,8 +256,9 @@ def test_openai_cache_sends_a_prompt_cache_key(server, cli, folder, tmp_path, jo
     assert all("prompt_cache_key" in o.body_keys for o in server.observed())
 
 
-def test_a_flex_run_records_its_tier_and_is_priced_at_flex(server, cli, folder, tmp_path, job_file):
-    job = job_file(endpoint_model=FLEX_MODEL, endpoint_service_tier="flex")
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_flex_run_records_its_tier_and_is_priced_at_flex(server, cli, folder, tmp_path, job_file, stream):
+    job = job_file(endpoint_model=FLEX_MODEL, endpoint_service_tier="flex", endpoint_stream=stream)
     out = tmp_path / "out"
     _run(cli, folder, out, server, job)
     rows = read_rows(out)

@@ -198,6 +198,7 @@ class LocalServer:
         - "401", "403_quota" (one-api/new-api quota), "404_model", "429_quota": fatal-class errors.
         - "429": rate_limit_exceeded, with retry-after and retry-after-ms when `retry_after_s` is given.
         - "429_bare": 429 with an empty body and no headers at all.
+        - "429_flex": flex's 429 "Resource Unavailable" (code resource_unavailable); queue it before flex requests.
         - "error200": 200 whose JSON body is a gateway-style error (also for stream requests).
         - "stream_error": a few content deltas, an error event, [DONE] (without stream: as error200).
         - "no_done": the stream ends without [DONE] (without stream: half the body, then EOF).

@@ -74,7 +74,8 @@ THUMB_BATCH = 64
 """Images thumbnailed (in a thread pool; Pillow releases the GIL) before their rows are written."""
 
 _ROW_COLUMNS = ["status", "caption", "error_kind", "error", "model", "finish_reason", "prompt_tokens",
-                "completion_tokens", "total_tokens", "cached_tokens", "mode", "width", "height"]
+                "completion_tokens", "total_tokens", "cached_tokens", "mode", "width", "height",
+                "cache_write_tokens", "service_tier"]
 _CELL_COLUMNS = [*_ROW_COLUMNS, "latency_ms"]
 _THUMB_SETTINGS = ImageSettings(max_side=THUMB_SIDE_PX, format="jpeg", quality=THUMB_QUALITY)
 
@@ -248,12 +249,13 @@ def _page_row(row: dict[str, Any], thumb: str | None, usd: float | None) -> dict
 
 
 def _row_cost(row: dict[str, Any], prices: cost.PriceTable) -> float | None:
-    """What the row's tokens cost at its model's price in its mode; None when unknown."""
+    """What the row's tokens cost at its model's price in its mode (flex for a flex answer, as report
+    prices it); None when unknown."""
     price = prices.find(row["model"] or "")
     if price is None or row["prompt_tokens"] is None:
         return None
-    return cost.cost_usd(price, row["mode"] or "online", row["prompt_tokens"], row["completion_tokens"] or 0,
-                         row["cached_tokens"] or 0)
+    return cost.cost_usd(price, cost.price_mode(row["mode"], row["service_tier"]), row["prompt_tokens"],
+                         row["completion_tokens"] or 0, row["cached_tokens"] or 0, row["cache_write_tokens"] or 0)
 
 
 def _thumbnail(item: Item | None) -> str | None:
