@@ -26,6 +26,8 @@ from .core import Core, Observed
 from .limits import LimitSettings
 from .anthropic_batch import AnthropicBatches
 from .anthropic_messages import AnthropicMessages
+from .gemini_batch import GeminiBatches, GeminiBatchSeen
+from .gemini_batch_files import GeminiFiles
 from .gemini_generate import GeminiGenerate
 from .openai_batch import OpenAIBatch
 from .openai_batch_state import BatchSeen
@@ -134,9 +136,12 @@ class LocalServer:
         self._chat = OpenAIChat(self._core)
         self._batch = OpenAIBatch(self._core)
         anthropic = AnthropicMessages(self._core)
-        # each adds its routes to the app
+        gemini = GeminiGenerate(self._core)
+        gemini_files = GeminiFiles(self._core, gemini)
+        self._gemini_batches = GeminiBatches(self._core, gemini, gemini_files)
+        # each adds its routes to the app (Gemini's batches before generateContent's models/{target})
         self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic),
-                           GeminiGenerate(self._core))
+                           gemini_files, self._gemini_batches, gemini)
         self._life = _LoopThread(host, port, self._core, self._make_app)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -291,6 +296,22 @@ class LocalServer:
     def batches(self) -> list[BatchSeen]:
         """Every batch created since the last reset, oldest first, with its metadata and line count."""
         return self._batch.state.seen()
+
+    # -- Gemini Batch Mode: controls (any thread) --------------------------------------------------
+
+    def fail_next_gemini_create(self, times: int = 1, *, created: bool = False) -> None:
+        """Answer the next `times` batchGenerateContent calls 503 UNAVAILABLE: before making the batch,
+        or (`created`) after making it, as when the answer is lost on its way back."""
+        self._gemini_batches.fail_next_create(times, created=created)
+
+    def end_next_gemini_batch(self, outcome: str, *, run_lines: int | None = None) -> None:
+        """Make the next created Gemini batch end as `outcome`: "failed" (BATCH_STATE_FAILED, running
+        nothing), "expired" or "cancelled" after running `run_lines` requests (default half)."""
+        self._gemini_batches.end_next_batch(outcome, run_lines)
+
+    def gemini_batches(self) -> list[GeminiBatchSeen]:
+        """Every Gemini batch created since the last reset, oldest first."""
+        return self._gemini_batches.seen()
 
 
 async def _handle_health(request: web.Request) -> web.Response:
