@@ -158,6 +158,18 @@ def test_batch_run_with_line_faults_and_a_failing_create_gives_one_ok_row_each(s
             (row["caption"], row["prompt_tokens"])
 
 
+def test_a_cap_on_live_batches_makes_chunks_wait_for_a_live_one_to_end(server, folder, tmp_path, gemini_job, cli):
+    server.set_latency(0.2)
+    server.limit_gemini_batches(live=1)  # a create while one batch is live is answered 429
+    out = tmp_path / "out"
+    ran = cli(*_argv(folder, out, server, gemini_job))
+    assert ran.code == 0, ran.err
+    assert server.gemini_refused_creates() > 0
+    _one_batch_per_chunk(out, server)
+    assert [b.lines for b in server.gemini_batches()] == [2, 2, 1]
+    _one_ok_row_each(out)
+
+
 def _start(folder: Path, out: Path, server: LocalServer, job: Path, crash_at: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "pipeline", *_argv(folder, out, server, job)]
     return subprocess.run(argv, check=False, cwd=ROOT, env={**os.environ, CRASH_ENV: crash_at}, capture_output=True,

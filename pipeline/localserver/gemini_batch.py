@@ -12,9 +12,12 @@ file (`files/batch-{id}`, lines of `{"key", "response" | "error"}` in random ord
 batch's in `output.inlinedResponses`, in request order. Answers are Operations (`name`,
 `metadata` = the GenerateContentBatch with `@type`, `done`, `response`).
 
-Test controls (`LocalServer.fail_next_gemini_create`, `end_next_gemini_batch`): the next creates
-answered 503, before or after creating the batch (an answer lost on the way back); the next batch
-ending FAILED (running nothing), EXPIRED or CANCELLED after running some of its requests.
+Test controls (`LocalServer.fail_next_gemini_create`, `end_next_gemini_batch`,
+`limit_gemini_batches`): the next creates answered 503, before or after creating the batch (an
+answer lost on the way back); the next batch ending FAILED (running nothing), EXPIRED or CANCELLED
+after running some of its requests; a cap on live (pending or running) batches, over which a create
+is answered 429 RESOURCE_EXHAUSTED without RetryInfo, as Gemini answers a create over its batch
+limits (100 concurrent batches, enqueued tokens per model: https://ai.google.dev/gemini-api/docs/rate-limits).
 
 It must not share protocol code with the client side. It imports only aiohttp, the standard
 library and modules of this package.
@@ -123,12 +126,15 @@ class GeminiBatches:
         self._batches: dict[str, _Batch] = {}
         self._create_faults: deque[bool] = deque()  # per create to fail: True = after creating the batch
         self._endings: deque[tuple[str, int | None]] = deque()
+        self._max_live: int | None = None
+        self.refused = 0  # creates answered 429 by the live-batch cap
         core.on_reset(self._forget)
 
     def _forget(self) -> None:
         self._batches.clear()
         self._create_faults.clear()
         self._endings.clear()
+        self._max_live, self.refused = None, 0
 
     def add_routes(self, app: web.Application) -> None:
         """Before GeminiGenerate's: its `/v1beta/models/{target}` would take the create otherwise."""
@@ -151,6 +157,12 @@ class GeminiBatches:
         with self._core.lock:
             self._endings.append((outcome, run_lines))
 
+    def limit_live(self, live: int | None) -> None:
+        if live is not None and (isinstance(live, bool) or not isinstance(live, int) or live < 1):
+            raise ValueError(f"live must be a whole number >= 1 or None, not {live!r}")
+        with self._core.lock:
+            self._max_live = live
+
     def seen(self) -> list[GeminiBatchSeen]:
         with self._core.lock:
             return [GeminiBatchSeen(b.name, b.display_name, b.model, len(b.items), b.state,
@@ -168,6 +180,11 @@ class GeminiBatches:
         except RequestError as err:
             return json_response(err.status, err.body(), {})
         with self._core.lock:
+            live = sum(1 for b in self._batches.values() if b.state not in ENDED)
+            if self._max_live is not None and live >= self._max_live:
+                self.refused += 1
+                return json_response(429, error_object(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota, "
+                                                       "please check your plan and billing details."), {})
             fault = self._create_faults.popleft() if self._create_faults else None
             if fault is False:  # refused before anything was made
                 return json_response(503, error_object(503, "UNAVAILABLE", "The service is currently unavailable."), {})

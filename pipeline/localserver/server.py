@@ -309,6 +309,15 @@ class LocalServer:
         nothing), "expired" or "cancelled" after running `run_lines` requests (default half)."""
         self._gemini_batches.end_next_batch(outcome, run_lines)
 
+    def limit_gemini_batches(self, live: int | None) -> None:
+        """Answer a batchGenerateContent 429 RESOURCE_EXHAUSTED (no RetryInfo) while `live` Gemini batches
+        are pending or running; None lifts the cap. Raises ValueError for a cap below 1."""
+        self._gemini_batches.limit_live(live)
+
+    def gemini_refused_creates(self) -> int:
+        """How many batchGenerateContent calls the live-batch cap refused since the last reset."""
+        return self._gemini_batches.refused
+
     def gemini_batches(self) -> list[GeminiBatchSeen]:
         """Every Gemini batch created since the last reset, oldest first."""
         return self._gemini_batches.seen()
