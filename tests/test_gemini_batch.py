@@ -241,6 +241,23 @@ def test_batch_runs_are_priced_at_batch_rates_in_estimate_and_report(server, fol
     assert batch["cost_usd"] == pytest.approx(online["cost_usd"] / 2)
 
 
+def test_prepared_requests_run_by_hand_through_the_sdk_are_ingested_into_rows(server, folder, tmp_path,
+                                                                              gemini_job, cli):
+    dest, out = tmp_path / "requests", tmp_path / "out"
+    assert cli("batch", "prepare", folder, "--job", gemini_job, "--dest", dest).code == 0
+    (requests,) = sorted(dest.glob("requests-*[0-9].jsonl"))
+    assert sorted(json.loads(line)["key"] for line in requests.read_text().splitlines()) == sorted(GOOD)
+    client = _client(server)  # the way a user would run them by hand
+    uploaded = client.files.upload(file=requests, config={"mime_type": "application/jsonl"})
+    job = _ended(client, client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "by hand"}).name)
+    results = tmp_path / "results.jsonl"
+    client.files.download(file=job.dest.file_name, destination=results)
+    assert cli("batch", "ingest", out, results, "--job", gemini_job, "--prepared", dest).code == 0
+    _one_ok_row_each(out)
+    again = cli("batch", "ingest", out, results, "--job", gemini_job, "--prepared", dest)
+    assert again.code == 0 and len(read_rows(out)) == len(GOOD)  # ingesting twice adds nothing
+
+
 # --- the official SDK parses what the bundled endpoint sends ------------------------------------------
 
 
@@ -250,10 +267,10 @@ def keyed_server():
         yield server
 
 
-def _client(server: LocalServer) -> genai.Client:
+def _client(server: LocalServer, key: str = "AIza-test") -> genai.Client:
     options = types.HttpOptions(base_url=server.base_url.removesuffix("/v1"), api_version="v1beta",
                                 retry_options=types.HttpRetryOptions(attempts=1))
-    return genai.Client(api_key="AIza-test", http_options=options)
+    return genai.Client(api_key=key, http_options=options)
 
 
 def _request(mime: str = "image/jpeg", data: bytes | None = None) -> dict:
