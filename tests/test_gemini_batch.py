@@ -137,6 +137,11 @@ def _one_batch_per_chunk(out: Path, server: LocalServer) -> None:
     assert {b.source for b in seen} == {"file"}
 
 
+def _each_image_in_one_batch(server: LocalServer) -> None:
+    keys = [key for batch in server.gemini_batches() for key in batch.keys]
+    assert sorted(keys) == sorted(GOOD)  # every image sent, none in two batches
+
+
 def test_batch_run_with_line_faults_and_a_failing_create_gives_one_ok_row_each(server, folder, tmp_path,
                                                                                gemini_job, cli):
     server.fail_next("503")  # the first request that runs is an UNAVAILABLE line: sent again in a later chunk
@@ -167,6 +172,7 @@ def test_a_cap_on_live_batches_makes_chunks_wait_for_a_live_one_to_end(server, f
     assert server.gemini_refused_creates() > 0
     _one_batch_per_chunk(out, server)
     assert [b.lines for b in server.gemini_batches()] == [2, 2, 1]
+    _each_image_in_one_batch(server)
     _one_ok_row_each(out)
 
 
@@ -185,6 +191,7 @@ def test_kill9_in_each_window_then_rerun_creates_each_batch_once(server, folder,
     assert cli(*_argv(folder, out, server, gemini_job)).code == 0
     _one_batch_per_chunk(out, server)
     assert len(server.gemini_batches()) == 3
+    _each_image_in_one_batch(server)
     _one_ok_row_each(out)
 
 

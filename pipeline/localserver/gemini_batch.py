@@ -68,6 +68,7 @@ class GeminiBatchSeen:
     lines: int
     state: str
     source: str  # "file" or "inline"
+    keys: tuple[str, ...] = ()  # the keys of a file batch's lines, in file order
 
 
 @dataclass(slots=True)
@@ -166,7 +167,8 @@ class GeminiBatches:
     def seen(self) -> list[GeminiBatchSeen]:
         with self._core.lock:
             return [GeminiBatchSeen(b.name, b.display_name, b.model, len(b.items), b.state,
-                                    "file" if "fileName" in b.input_config else "inline")
+                                    "file" if "fileName" in b.input_config else "inline",
+                                    tuple(key for key, _, _ in b.items if key is not None))
                     for b in self._batches.values()]
 
     # -- routes ------------------------------------------------------------------------------------
