@@ -154,6 +154,7 @@ def test_batch_run_with_line_faults_and_a_failing_create_gives_one_ok_row_each(s
     assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2]
     assert [b.lines for b in server.gemini_batches()] == [2, 2, 1, 1]  # three chunks, one resent request
     _one_batch_per_chunk(out, server)
+    assert all(name.startswith("files/batch-") for name in server.gemini_files())  # input files deleted
     seen = {r["image_path"]: r for r in rows}
     online = tmp_path / "online"
     assert cli("run", folder, "--job", gemini_job, "--out", online, "--base-url", server.base_url,

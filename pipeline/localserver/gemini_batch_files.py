@@ -6,7 +6,7 @@ more `POST`s to that URL with `-Command: upload` (`, finalize` on the last) at i
 `-Offset`s, answered `X-Goog-Upload-Status: active`, then `final` with `{"file": {...}}`), the File
 object (`files/{id}`, `GET /v1beta/files/{id}`), and the download of a file's bytes
 (`GET /download/v1beta/files/{id}:download?alt=media`, and `/v1beta/files/{id}:download`, the path
-the google-genai SDK uses). Files are kept in memory, each at most MAX_FILE_BYTES as declared
+the google-genai SDK uses), and `DELETE /v1beta/files/{id}`. Files are kept in memory, each at most MAX_FILE_BYTES as declared
 before its first byte is read. The batches module adds result files (`source: GENERATED`).
 
 It must not share protocol code with the client side. It imports only aiohttp, the standard
@@ -99,6 +99,11 @@ class GeminiFiles:
         app.router.add_get("/v1beta/files/{id}:download", self._download)
         app.router.add_get("/download/v1beta/files/{id}:download", self._download)
         app.router.add_get("/v1beta/files/{id}", self._get)
+        app.router.add_delete("/v1beta/files/{id}", self._delete)
+
+    def names(self) -> list[str]:
+        with self._core.lock:
+            return list(self.files)
 
     def add_generated(self, display_name: str, data: bytes) -> StoredFile:
         """Keep a file the server made (a batch's results); the caller holds the core's lock."""
@@ -165,6 +170,15 @@ class GeminiFiles:
         if stored is None:
             return json_response(404, _not_found(f"files/{request.match_info['id']}"), {})
         return json_response(200, stored.as_object(_root(request)), {})
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        if (refusal := self._generate.refuse(request, {})) is not None:
+            return refusal
+        with self._core.lock:
+            stored = self.files.pop(f"files/{request.match_info['id']}", None)
+        if stored is None:
+            return json_response(404, _not_found(f"files/{request.match_info['id']}"), {})
+        return json_response(200, {}, {})
 
     async def _download(self, request: web.Request) -> web.Response:
         if (refusal := self._generate.refuse(request, {})) is not None:

@@ -137,11 +137,11 @@ class LocalServer:
         self._batch = OpenAIBatch(self._core)
         anthropic = AnthropicMessages(self._core)
         gemini = GeminiGenerate(self._core)
-        gemini_files = GeminiFiles(self._core, gemini)
-        self._gemini_batches = GeminiBatches(self._core, gemini, gemini_files)
+        self._gemini_files = GeminiFiles(self._core, gemini)
+        self._gemini_batches = GeminiBatches(self._core, gemini, self._gemini_files)
         # each adds its routes to the app (Gemini's batches before generateContent's models/{target})
         self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic),
-                           gemini_files, self._gemini_batches, gemini)
+                           self._gemini_files, self._gemini_batches, gemini)
         self._life = _LoopThread(host, port, self._core, self._make_app)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -317,6 +317,10 @@ class LocalServer:
     def gemini_refused_creates(self) -> int:
         """How many batchGenerateContent calls the live-batch cap refused since the last reset."""
         return self._gemini_batches.refused
+
+    def gemini_files(self) -> list[str]:
+        """The names of the files the Gemini Files API holds now (uploaded, and batch results)."""
+        return self._gemini_files.names()
 
     def gemini_batches(self) -> list[GeminiBatchSeen]:
         """Every Gemini batch created since the last reset, oldest first."""

@@ -6,7 +6,9 @@ the Files API, `models/{model}:batchGenerateContent` naming that file, `batches/
 of one result line into a `LineResult`, and how a batch is found again after a crash: its
 `displayName` names the job, the run and the chunk (Gemini batches have no other metadata), so the
 driver's metadata match works as it does for OpenAI. Decides nothing: the batch driver retries,
-records and turns results into rows.
+records and turns results into rows. One piece of housekeeping: once a batch is seen ended, its input
+file is deleted (a project may hold 20 GB of files, and Gemini keeps them 48 hours), best effort; a
+batch that ran nothing is sent again from a new chunk file, so nothing needs it any more.
 
 Always a file, never inline requests: a chunk of base64 images passes the inline limit (the whole
 create request under 20 MB) after a few dozen images, while an input file may hold 2 GB; a
@@ -95,6 +97,7 @@ class GeminiBatchBackend:
         self._model_url = provider.model_url  # {root}/v1beta/models/{model}
         self._headers = {k: v for k, v in provider.headers.items() if k.lower() != "content-type"}
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        self._deleted: set[str] = set()  # input files of ended batches, deleted (or tried) by this process
 
     def custom_id(self, key: str) -> str:
         """The image key itself: a line's `key` is any string the caller picks, echoed in its result."""
@@ -143,7 +146,23 @@ class GeminiBatchBackend:
     async def poll(self, batch_id: str) -> BatchInfo:
         """GET batches/{id}; FatalError with status 404 when Gemini no longer knows it."""
         answer, _ = await self._call("GET", f"{self._root}/v1beta/{batch_id}")
-        return batch_info(answer)
+        batch = batch_info(answer)
+        if batch.ended:
+            await self._delete_input(_meta(answer))
+        return batch
+
+    async def _delete_input(self, meta: dict[str, Any]) -> None:
+        """DELETE the input file of an ended batch, once; a failure is only logged (Gemini deletes it
+        after 48 hours anyway)."""
+        config = meta.get("inputConfig") if isinstance(meta.get("inputConfig"), dict) else {}
+        name = config.get("fileName")
+        if not isinstance(name, str) or not name.startswith("files/") or name in self._deleted:
+            return
+        self._deleted.add(name)
+        try:
+            await self._call("DELETE", f"{self._root}/v1beta/{name}")
+        except CaptionError as err:
+            log.debug("could not delete %s (%s); Gemini deletes it after 48 hours", name, err)
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         """POST batches/{id}:cancel (answered with an empty object), then the batch as it is now:
