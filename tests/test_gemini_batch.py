@@ -24,7 +24,8 @@ from pipeline.errors import BadOutputError, BadRequestError, QuotaError, RateLim
 from pipeline.job import Job
 from pipeline.localserver import LocalServer
 from pipeline.providers.gemini import GeminiBatchBackend, GeminiProvider
-from pipeline.providers.gemini.batch import batch_info, display_name, metadata_of, parse_result_line
+from pipeline.providers.gemini.batch import batch_info, display_name, metadata_of, parse_result_line, \
+    resource_name
 from pipeline.records import Encoded
 
 GOOD = ["astronaut_eileen_collins.jpg", "brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg",
@@ -76,6 +77,17 @@ def test_result_lines_parse_into_answers_and_typed_errors(raw, error, text):
     else:
         assert type(result.error) is error
     assert parse_result_line(b'{"custom_id": "x"}') is None and parse_result_line(b"not json") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "ok"),
+    [("batches/123abc", "batches", True), ("files/batch-123abc", "files", True), ("files/abc", "batches", False),
+     ("batches/../../v1beta/files", "batches", False), ("batches/a?alt=media", "batches", False),
+     ("batches/", "batches", False), (None, "files", False), ("batches/" + "a" * 200, "batches", False)],
+    ids=["batch", "results-file", "wrong-kind", "dot-dot", "query", "empty", "none", "too-long"],
+)
+def test_only_well_formed_names_go_into_urls(value, kind, ok):
+    assert resource_name(value, kind) == (value if ok else None)
 
 
 def test_batch_objects_map_states_counts_results_and_the_display_name():

@@ -56,7 +56,7 @@ from .errors import classify_response
 from .generate import GeminiProvider, parse_response
 
 __all__ = ["GeminiBatchBackend", "MAX_FILE_BYTES", "ENDED_STATES", "batch_info", "display_name",
-           "metadata_of", "parse_result_line"]
+           "metadata_of", "parse_result_line", "resource_name"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,15 @@ GRPC_HTTP = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 
              13: 500, 14: 503, 15: 500, 16: 401}
 """google.rpc.Code → the HTTP status it maps to (code.proto), for a result line's error."""
 _FRACTION = re.compile(r"(\.\d{6})\d+")  # RFC 3339 with 9 fractional digits: Python reads at most 6
+_RESOURCE = re.compile(r"^(batches|files)/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""A batch or file name as Gemini makes them ("batches/123abc", "files/batch-123abc"): names go into
+URLs, so a server's answer with anything else ("../x", a query) is not followed."""
+
+
+def resource_name(value: Any, kind: str) -> str | None:
+    """`value` if it is a well-formed `kind` name ("batches" or "files"), else None."""
+    found = _RESOURCE.match(value) if isinstance(value, str) else None
+    return value if found and found.group(1) == kind else None
 
 
 def display_name(metadata: dict[str, str]) -> str:
@@ -130,8 +139,8 @@ class GeminiBatchBackend:
             answer, headers = await self._call("POST", session_url, data=handle, headers=finish)
         if headers.get("X-Goog-Upload-Status", "final") != "final":
             raise TransientError(f"{path.name}: the upload did not finish (status {headers['X-Goog-Upload-Status']})")
-        name = (answer.get("file") or {}).get("name") if isinstance(answer.get("file"), dict) else None
-        if not isinstance(name, str) or not name.startswith("files/"):
+        name = resource_name(answer["file"].get("name"), "files") if isinstance(answer.get("file"), dict) else None
+        if name is None:
             raise TransientError(f"{path.name}: the upload was answered without a file name")
         return name
 
@@ -141,7 +150,10 @@ class GeminiBatchBackend:
         body = {"batch": {"displayName": display_name(metadata), "inputConfig": {"fileName": file_ref}}}
         headers = {**self._headers, "Content-Type": "application/json"}
         answer, _ = await self._call("POST", self._model_url + ":batchGenerateContent", json=body, headers=headers)
-        return batch_info(answer)
+        batch = batch_info(answer)
+        if resource_name(batch.id, "batches") is None:
+            raise FatalError(f"batchGenerateContent answered a batch name that is not one: {batch.id[:80]!r}")
+        return batch
 
     async def poll(self, batch_id: str) -> BatchInfo:
         """GET batches/{id}; FatalError with status 404 when Gemini no longer knows it."""
@@ -155,8 +167,8 @@ class GeminiBatchBackend:
         """DELETE the input file of an ended batch, once; a failure is only logged (Gemini deletes it
         after 48 hours anyway)."""
         config = meta.get("inputConfig") if isinstance(meta.get("inputConfig"), dict) else {}
-        name = config.get("fileName")
-        if not isinstance(name, str) or not name.startswith("files/") or name in self._deleted:
+        name = resource_name(config.get("fileName"), "files")
+        if name is None or name in self._deleted:
             return
         self._deleted.add(name)
         try:
@@ -190,6 +202,8 @@ class GeminiBatchBackend:
             page, _ = await self._call("GET", f"{self._root}/v1beta/batches", params=params)
             for raw in page.get("operations") or []:
                 batch = batch_info(raw)
+                if resource_name(batch.id, "batches") is None:
+                    continue
                 if since is not None and batch.created_at is not None and batch.created_at < since:
                     continue
                 if _meta(raw).get("displayName") == wanted:
@@ -276,7 +290,7 @@ def batch_info(operation: dict[str, Any]) -> BatchInfo:
     output = meta.get("output") if isinstance(meta.get("output"), dict) else {}
     response = operation.get("response") if isinstance(operation.get("response"), dict) else {}
     results = output.get("responsesFile") or response.get("responsesFile")
-    files = (results,) if ended and isinstance(results, str) and results.startswith("files/") else ()
+    files = (results,) if ended and resource_name(results, "files") else ()
     failure, failed = None, state == "BATCH_STATE_FAILED"
     if failed:
         error = operation.get("error") if isinstance(operation.get("error"), dict) else {}
