@@ -253,7 +253,9 @@ def parse_result_line(raw: bytes) -> LineResult | None:
         return None
     if not isinstance(line, dict) or not isinstance(line.get("key"), str):
         return None
-    key, response, error = line["key"], line.get("response"), line.get("error")
+    # The guide says each line holds "a GenerateContentResponse or a status object": `error`, as an
+    # InlinedResponse names it; `status` is read too, in case a line names it so.
+    key, response, error = line["key"], line.get("response"), line.get("error", line.get("status"))
     if isinstance(error, dict):
         return LineResult(key, error=_line_error(error))
     if not isinstance(response, dict):
