@@ -323,9 +323,3 @@ def test_the_sdk_parses_responses_streams_and_errors(keyed_server):
     with pytest.raises(genai_errors.ClientError, match="INVALID_ARGUMENT"):
         client.models.generate_content(model=MODEL, contents=[types.Part.from_bytes(data=b"not", mime_type="image/png")])
 
-
-def test_batch_mode_is_refused_before_anything_is_sent(server, folder, tmp_path, job_file, cli):
-    job = job_file(endpoint_api="gemini", endpoint_model=MODEL)
-    ran = cli(*_argv(folder, tmp_path / "out", server, job, "--mode", "batch"))
-    assert ran.code == 2 and "does not support --mode batch" in ran.err
-    assert server.observed() == []

@@ -26,6 +26,8 @@ from .core import Core, Observed
 from .limits import LimitSettings
 from .anthropic_batch import AnthropicBatches
 from .anthropic_messages import AnthropicMessages
+from .gemini_batch import GeminiBatches, GeminiBatchSeen
+from .gemini_batch_files import GeminiFiles
 from .gemini_generate import GeminiGenerate
 from .openai_batch import OpenAIBatch
 from .openai_batch_state import BatchSeen
@@ -134,9 +136,12 @@ class LocalServer:
         self._chat = OpenAIChat(self._core)
         self._batch = OpenAIBatch(self._core)
         anthropic = AnthropicMessages(self._core)
-        # each adds its routes to the app
+        gemini = GeminiGenerate(self._core)
+        self._gemini_files = GeminiFiles(self._core, gemini)
+        self._gemini_batches = GeminiBatches(self._core, gemini, self._gemini_files)
+        # each adds its routes to the app (Gemini's batches before generateContent's models/{target})
         self._protocols = (self._chat, self._batch, anthropic, AnthropicBatches(self._core, anthropic),
-                           GeminiGenerate(self._core))
+                           self._gemini_files, self._gemini_batches, gemini)
         self._life = _LoopThread(host, port, self._core, self._make_app)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -292,6 +297,35 @@ class LocalServer:
     def batches(self) -> list[BatchSeen]:
         """Every batch created since the last reset, oldest first, with its metadata and line count."""
         return self._batch.state.seen()
+
+    # -- Gemini Batch Mode: controls (any thread) --------------------------------------------------
+
+    def fail_next_gemini_create(self, times: int = 1, *, created: bool = False) -> None:
+        """Answer the next `times` batchGenerateContent calls 503 UNAVAILABLE: before making the batch,
+        or (`created`) after making it, as when the answer is lost on its way back."""
+        self._gemini_batches.fail_next_create(times, created=created)
+
+    def end_next_gemini_batch(self, outcome: str, *, run_lines: int | None = None) -> None:
+        """Make the next created Gemini batch end as `outcome`: "failed" (BATCH_STATE_FAILED, running
+        nothing), "expired" or "cancelled" after running `run_lines` requests (default half)."""
+        self._gemini_batches.end_next_batch(outcome, run_lines)
+
+    def limit_gemini_batches(self, live: int | None) -> None:
+        """Answer a batchGenerateContent 429 RESOURCE_EXHAUSTED (no RetryInfo) while `live` Gemini batches
+        are pending or running; None lifts the cap. Raises ValueError for a cap below 1."""
+        self._gemini_batches.limit_live(live)
+
+    def gemini_refused_creates(self) -> int:
+        """How many batchGenerateContent calls the live-batch cap refused since the last reset."""
+        return self._gemini_batches.refused
+
+    def gemini_files(self) -> list[str]:
+        """The names of the files the Gemini Files API holds now (uploaded, and batch results)."""
+        return self._gemini_files.names()
+
+    def gemini_batches(self) -> list[GeminiBatchSeen]:
+        """Every Gemini batch created since the last reset, oldest first."""
+        return self._gemini_batches.seen()
 
 
 async def _handle_health(request: web.Request) -> web.Response:

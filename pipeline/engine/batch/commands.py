@@ -32,7 +32,7 @@ from ..local import bundled_endpoint
 from ..retry import RetryPolicy
 from .context import BatchRun
 from .driver import BatchDriver
-from .lines import line_custom_id, read_line, result_lines
+from .lines import read_line, result_lines
 from .state import RUN_FILE, BatchState, ChunkWriter, IndexEntry, read_index
 from .submit import encoded_items
 
@@ -275,7 +275,7 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
 def _ingest_line(captioner: Captioner, backend: BatchBackend, raw: bytes, lookup, store: Store,
                  summary: BatchSummary, done: HashSet, ingested: HashSet) -> None:
     """One output line of `ingest_outputs`: counted as unreadable or refused, skipped, or one row."""
-    custom_id = line_custom_id(raw)
+    custom_id = _custom_id_of(backend, raw)
     if custom_id is None:
         summary.unreadable += bool(raw.strip())
         return
@@ -295,6 +295,16 @@ def _ingest_line(captioner: Captioner, backend: BatchBackend, raw: bytes, lookup
     ingested.add(_row_hash(row.image_path, row.request_id))
     if row.status == "ok":
         done.add(key_hash(row.image_path))
+
+
+def _custom_id_of(backend: BatchBackend, raw: bytes) -> str | None:
+    """The request a result line names, as the job's protocol spells it (`custom_id`, Gemini's `key`);
+    None for a line that names none."""
+    try:
+        result = backend.parse_result_line(raw)
+    except Exception:  # a line the protocol cannot read is unreadable, whatever it raised
+        return None
+    return result.custom_id if result is not None else None
 
 
 def _safe_key(custom_id: str) -> bool:

@@ -53,13 +53,23 @@ class BatchDriver:
         run = self.run
         await self.advance_open_chunks()
         while True:
-            if not (self.collector.held and run.live_records()):
+            if not (self.collector.held and run.live_records()) and not self.submitter.waiting:
                 self.collector.held = False
+                await self.submit_waiting()
                 await self.submitter.submit_pending()
             live = run.live_records()
             if detach or not live:
                 return
             await self.collector.wait_and_collect(live)
+            self.submitter.waiting = False  # a batch ended: the provider may take another now
+
+    async def submit_waiting(self) -> None:
+        """Submit the chunks a refused create left written or uploaded (see `Submitter.create_or_wait`)."""
+        for record in self.run.state.open_records():
+            if self.submitter.waiting:
+                return
+            if record.state in ("written", "uploaded"):
+                await self.submitter.submit(record)
 
     async def advance_open_chunks(self) -> None:
         """Resume every chunk a previous invocation left open, and collect those that have ended."""

@@ -23,7 +23,7 @@ from ...records import Result
 from ..caption import Captioner
 from .state import IndexEntry
 
-__all__ = ["MAX_RESULT_LINE_BYTES", "LineOutcome", "line_custom_id", "outcome_of", "read_line", "result_lines"]
+__all__ = ["MAX_RESULT_LINE_BYTES", "LineOutcome", "outcome_of", "read_line", "result_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ def result_lines(handle: BinaryIO, name: str, limit: int = MAX_RESULT_LINE_BYTES
             line = handle.readline(_READ_BLOCK)
         log.warning("%s: line %d is longer than %d bytes; skipped (its request counts as not answered)",
                     name, number, limit)
-
-
-def line_custom_id(raw: bytes) -> str | None:
-    """The custom_id of a result line, None when it is not a JSON object with a string custom_id."""
-    return _custom_id(raw)
 
 
 def _custom_id(raw: bytes) -> str | None:

@@ -9,7 +9,9 @@ chunk is collected finds the original's row and copies it (or, if the original f
 copy). Nothing about such copies is recorded, so a crash loses no decision. A chunk goes written → uploaded → submitted, each step recorded before
 the next. The one window a record cannot close, between "create batch" and writing its id, is
 closed by asking the provider for a batch with the chunk's metadata (job fingerprint, run id and
-chunk name) before any create, so a chunk is never submitted twice.
+chunk name) before any create, so a chunk is never submitted twice. A provider that refuses a
+create with 429 once its retries are spent, while batches of ours are live (a cap on live batches
+or enqueued tokens), leaves the chunk uploaded, and no new chunk is cut, until one of them ends.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from ...errors import BadImageError
+from ...errors import BadImageError, RateLimitError
 from ...providers import BatchInfo
 from ...records import Encoded
 from ...sources import Item
@@ -62,6 +64,7 @@ class Submitter:
         self.run = run
         self._first_walk = True  # "already done" is counted on the first walk only
         self._live_shas: set[int] = set()  # sha256 hashes of the images in live chunks, this walk
+        self.waiting = False  # the provider refuses more batches until one of ours ends (see `create_or_wait`)
 
     async def submit(self, record: ChunkRecord) -> None:
         """written → uploaded → submitted, each step recorded before the next."""
@@ -73,7 +76,9 @@ class Submitter:
             run.state.save(record)
         batch = await self.find_created(record)
         if batch is None:
-            batch = await self.create(record)
+            batch = await self.create_or_wait(record)
+        if batch is None:
+            return
         run.state.save(dataclasses.replace(record, state="submitted", batch_id=batch.id, status=batch.status,
                                            counts=batch.counts))
         log.info("%s: %d requests submitted as batch %s", record.name, record.lines, batch.id)
@@ -91,6 +96,20 @@ class Submitter:
             return batch
 
         return await run.policy.call(f"{record.name}: create", create_once, after_wait=lambda: self.find_created(record))
+
+    async def create_or_wait(self, record: ChunkRecord) -> BatchInfo | None:
+        """`create`, or None (and `waiting` set) when the provider still refuses with 429 after the
+        retries while another of our batches is live: the chunk stays uploaded until that one ends."""
+        try:
+            return await self.create(record)
+        except RateLimitError as err:
+            if not any(r.name != record.name and r.state in ("submitted", "collecting")
+                       for r in self.run.live_records()):
+                raise
+            log.warning("%s: the provider takes no more batches for now (%s); it is created once a live batch "
+                        "ends", record.name, err)
+            self.waiting = True
+            return None
 
     async def find_created(self, record: ChunkRecord) -> BatchInfo | None:
         """The provider's batch for this chunk, if one was created but not recorded (crash window)."""
@@ -127,7 +146,7 @@ class Submitter:
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="caption-image") as pool:
             items = encoded_items(run.captioner.prepare, self._pending(), pool)
             writer = None
-            while (found := await loop.run_in_executor(None, next, items, None)) is not None:
+            while not self.waiting and (found := await loop.run_in_executor(None, next, items, None)) is not None:
                 writer = await self._add(writer, *found)
             if writer is not None:
                 await self.close_and_submit(writer)
@@ -174,4 +193,5 @@ class Submitter:
     async def close_and_submit(self, writer: ChunkWriter) -> None:
         record = dataclasses.replace(writer.close(), job=self.run.captioner.job.fingerprint)
         self.run.state.save(record)
-        await self.submit(record)
+        if not self.waiting:  # else it stays written, submitted once a live batch ends
+            await self.submit(record)

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 import aiohttp
 
 from ...job import Job
+from .batch import GeminiBatchBackend
 from .generate import GeminiProvider
 
-__all__ = ["GeminiProvider", "make_provider", "make_batch_backend"]
+__all__ = ["GeminiProvider", "GeminiBatchBackend", "make_provider", "make_batch_backend"]
 
 
 def make_provider(job: Job, base_url: str, *, api_key: str | None, headers: Mapping[str, str]) -> GeminiProvider:
@@ -18,8 +19,6 @@ def make_provider(job: Job, base_url: str, *, api_key: str | None, headers: Mapp
 
 
 def make_batch_backend(job: Job, provider: GeminiProvider, session: aiohttp.ClientSession, base_url: str, *,
-                       api_key: str | None, headers: Mapping[str, str]):
-    """Gemini Batch Mode is not spoken yet: `--mode batch` stops here with a job error."""
-    from ...errors import JobError
-
-    raise JobError(f"{job.source}: [endpoint] api = \"gemini\" does not support --mode batch yet; run online")
+                       api_key: str | None, headers: Mapping[str, str]) -> GeminiBatchBackend:
+    """Batch Mode and the Files API of the provider's server (its URL, key and headers are the provider's)."""
+    return GeminiBatchBackend(session, provider, timeout_s=job.limits.timeout_s)
