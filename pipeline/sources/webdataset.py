@@ -76,7 +76,8 @@ _READ_CHUNK = 1 << 20
 # Skip reasons, as `WebDatasetSource.skipped` counts them.
 NO_IMAGE, DUPLICATE, BAD_SHARD = "no image member", "duplicate key", "unreadable shard"
 
-_MAGIC = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+_MAGIC = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")), (b"BZh", bz2.BZ2File),
+          (b"\xfd7zXZ\x00", lzma.LZMAFile))
 """Compressed shards, told by their first bytes (RFC 1952; the bzip2 and xz file formats)."""
 _SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 _INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
@@ -181,6 +182,11 @@ def shard_locations(location: str | Path, settings: InputSettings) -> list[str]:
     one per line (patterns allowed; `#` comments and blank lines skipped; relative paths are relative
     to the list's folder). Raises JobError, before anything is read, for a bad pattern or list."""
     text = str(location)
+    for part in text.split(LIST_SEPARATOR):
+        try:
+            next(expand_braces(part), None)
+        except ValueError as err:
+            raise JobError(f"{text}: {err}; shard patterns look like shards/{{00000..00099}}.tar") from None
     if looks_like_shards(text):
         patterns = text.split(LIST_SEPARATOR)
     else:
