@@ -367,3 +367,13 @@ def test_review_shows_a_thumbnail_for_every_sample(captioned, cli):
     assert "7 thumbnails" in ran.out
     page = (out / "_review.html").read_text()
     assert page.count('"thumb":"data:image/jpeg;base64,') == 7
+
+
+def test_local_shards_need_neither_webdataset_nor_fsspec(shards):
+    """The base install reads them: the standard library's tarfile, no extra."""
+    code = ("import sys; sys.modules.update(webdataset=None, braceexpand=None, fsspec=None)\n"
+            "from pipeline.sources import open_source\n"
+            f"print([item.key for item in open_source({shards!r}).items()])")
+    ran = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == str([f"{i:06d}" for i in range(7)])
