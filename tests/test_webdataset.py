@@ -377,3 +377,37 @@ def test_local_shards_need_neither_webdataset_nor_fsspec(shards):
     ran = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == str([f"{i:06d}" for i in range(7)])
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A bucket on a real S3-compatible server on loopback (moto in server mode); its storage_options."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("shards-bucket")
+    yield fs, options
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_shards_on_s3_read_as_local_ones_do(s3_bucket, shards, tmp_path):
+    fs, options = s3_bucket
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        fs.put_file(str(shard), f"shards-bucket/train/{shard.name}")
+    settings = InputSettings(storage_options=options, keep_columns=("txt",))
+    remote = open_source("s3://shards-bucket/train/shard-{00000..00002}.tar", settings)
+    local = open_source(shards, InputSettings(keep_columns=("txt",)))
+    assert [(i.key, i.read(), dict(i.kept)) for i in remote.items()] == [
+        (i.key, i.read(), dict(i.kept)) for i in local.items()]
+    assert remote.open_by_key("000002").read() == (SAMPLES / "transparent_logo.png").read_bytes()
+    assert remote.why_empty() is None and remote.skipped == {NO_IMAGE: 1}

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow as pa
+
 from ..errors import JobError
 from ..job import InputSettings
 from .folder import escape_key, image_extensions
@@ -291,9 +293,11 @@ class _Tail:
     def ended_cleanly(self, header_offset: int) -> bool:
         """Is the block at `header_offset` (where tarfile stopped) a whole end-of-archive block?"""
         start = self._chunks[0][0] if self._chunks else self.pos
-        buffer = b"".join(chunk for _, chunk in self._chunks)
-        block = buffer[header_offset - start:header_offset - start + tarfile.BLOCKSIZE]
-        return header_offset >= start and len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+        if header_offset < start:  # not among the last reads: tarfile read past it, so it was no end
+            return False
+        at = header_offset - start
+        block = b"".join(chunk for _, chunk in self._chunks)[at:at + tarfile.BLOCKSIZE]
+        return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
 def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
@@ -443,10 +447,8 @@ class WebDatasetSource:
                 merged[reason] = max(merged.get(reason, 0), count)
         return merged
 
-    def kept_schema(self):
+    def kept_schema(self) -> pa.Schema:
         """The Arrow types of the job's keep_columns, in its order: bytes for binary members, else text."""
-        import pyarrow as pa
-
         return pa.schema([(name, pa.binary() if _is_binary(name) else pa.string())
                           for name in self.settings.keep_columns])
 
