@@ -411,3 +411,12 @@ def test_shards_on_s3_read_as_local_ones_do(s3_bucket, shards, tmp_path):
         (i.key, i.read(), dict(i.kept)) for i in local.items()]
     assert remote.open_by_key("000002").read() == (SAMPLES / "transparent_logo.png").read_bytes()
     assert remote.why_empty() is None and remote.skipped == {NO_IMAGE: 1}
+
+
+def test_compare_samples_the_shards_and_shows_their_thumbnails(shards, tmp_path, cli):
+    jobs = f"{DEMO_JOB},{DEMO_JOB.with_name('demo_short.toml')}"
+    ran = cli("compare", shards, "--jobs", jobs, "--sample", "3", "--out", tmp_path / "cmp", "--no-progress")
+    assert ran.code == 0, ran.err
+    assert len(read_rows(tmp_path / "cmp" / "demo")) == len(read_rows(tmp_path / "cmp" / "demo_short")) == 3
+    page = (tmp_path / "cmp" / "_compare.html").read_text()
+    assert page.count('"thumb":"data:image/jpeg;base64,') == 3
