@@ -420,3 +420,18 @@ def test_compare_samples_the_shards_and_shows_their_thumbnails(shards, tmp_path,
     assert len(read_rows(tmp_path / "cmp" / "demo")) == len(read_rows(tmp_path / "cmp" / "demo_short")) == 3
     page = (tmp_path / "cmp" / "_compare.html").read_text()
     assert page.count('"thumb":"data:image/jpeg;base64,') == 3
+
+
+def test_a_run_over_a_cut_shard_and_a_repeated_key_captions_the_rest_once(server, tmp_path, caption_run, capsys):
+    pattern = write_shards(tmp_path / "s", [_sample(i, picture) for i, picture in enumerate(PICTURES[:6])])
+    again = write_shards(tmp_path / "again", [_sample(5, "coffee_cup.jpg")], name="again")
+    first = tmp_path / "s" / "shard-00000.tar"
+    _truncate(first, _member_offsets(first)["000001.jpg"][1] + 100)
+    out = tmp_path / "out"
+    assert caption_run(server, f"{pattern}::{again}", out) == 0
+    printed = capsys.readouterr().out
+    assert "passed over: 1 duplicate key, 1 no image member, 1 unreadable shard" in printed
+    rows = read_rows(out)
+    assert sorted(r["image_path"] for r in rows) == ["000000", "000003", "000004", "000005"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert caption_run(server, f"{pattern}::{again}", out) == 0 and len(read_rows(out)) == 4

@@ -63,8 +63,8 @@ from ..job import InputSettings
 from .folder import escape_key, image_extensions
 from .fs import is_url, open_fs
 
-__all__ = ["ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards", "shard_locations",
-           "shards_found", "split_member"]
+__all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards", "shard_locations",
+           "shard_name", "shards_found", "split_member"]
 
 log = logging.getLogger(__name__)
 
