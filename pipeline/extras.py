@@ -1,7 +1,8 @@
 """extras.py: the optional dependencies, imported only where a job needs one.
 
-The base install stays small (`pip install caption`); object stores, WebDataset shards, Hugging
-Face datasets and Ray come as extras (`pip install 'caption[s3]'`, ...). `require` imports one and,
+The base install stays small (`pip install caption`); object stores, Hugging Face datasets and Ray
+come as extras (`pip install 'caption[s3]'`, ...). WebDataset shards need none: the standard
+library's `tarfile` reads them (sources/webdataset.py). `require` imports one and,
 when it is missing, raises the one-line JobError that names the `pip install` to run (exit 2,
 before any request is sent).
 """
@@ -26,7 +27,7 @@ EXTRA_OF_SCHEME = {
 def require(module: str, extra: str, *, what: str) -> ModuleType:
     """`module`, imported; a JobError naming `pip install 'caption[extra]'` when it is not installed.
 
-    `what` says what needed it, for the message: "s3://bucket/", "[input] format = \"webdataset\"".
+    `what` says what needed it, for the message: "s3://bucket/", "[input] format = \"hf\"".
     """
     try:
         return importlib.import_module(module)

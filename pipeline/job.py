@@ -114,6 +114,7 @@ class InputSettings:
     keep_columns: tuple[str, ...] = ()  # input columns (or WebDataset members) copied into every output row
     send: Literal["bytes", "url"] = "bytes"  # http(s) images: download and encode them, or send the URL itself
     image_members: str = "jpg;png;webp"  # WebDataset: the members that may hold the image, in order of preference
+    shard_keys: bool = False  # WebDataset: keys are "<shard name>/<__key__>", for datasets whose keys repeat across shards
     fetch_per_host: int = 8  # http(s) downloads in flight per host at most
     fetch_timeout_s: float = 30.0  # one download, whole
     fetch_attempts: int = 3  # per download, first try included; a failed one is an error row (error_kind "fetch")

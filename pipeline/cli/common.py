@@ -109,8 +109,10 @@ def job_secrets(job) -> tuple[str | None, dict[str, str]]:
 
 
 def require_input(path: str) -> None:
-    """A JobError (exit 2, nothing sent) when the input folder or image does not exist."""
-    if not Path(path).exists():
+    """A JobError (exit 2, nothing sent) when the input folder or image (or first shard) does not exist."""
+    from ..sources import input_exists
+
+    if not input_exists(path):
         raise JobError(f"{path}: input folder not found")
 
 

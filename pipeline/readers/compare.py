@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import JobError
 from ..job import Job, load_job
 from ..records import RunSummary
+from ..sources import input_exists, is_webdataset
 from ..store import iter_latest_rows
 from .estimate import estimate
 from .review import Projection, ReviewSummary, Variant, write_comparison
@@ -100,7 +101,7 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
     from ..engine import run  # the driver; imported late, as the CLI does
 
     variants = plan_variants(settings)
-    if not settings.input.exists():
+    if not input_exists(settings.input):
         raise JobError(f"{settings.input}: input folder not found")
     keys = {name: secrets(job) for name, job in variants}  # a missing key fails before anything is sent
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,8 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
             return CompareSummary(runs=tuple(runs), page=None)
     shown = [Variant(name, settings.out / name, _projection(job, settings.input, settings.out / name))
              for name, job in variants if (settings.out / name).is_dir()]
-    page = write_comparison(shown, input_dir=settings.input if settings.input.is_dir() else None,
+    thumbnails = settings.input.is_dir() or is_webdataset(settings.input)
+    page = write_comparison(shown, input_dir=settings.input if thumbnails else None,
                             html_path=settings.out / PAGE)
     return CompareSummary(runs=tuple(runs), page=page)
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..job import InputSettings
-from ..sources import ImageSource, open_source
+from ..sources import ImageSource, input_exists, is_webdataset, open_source
 from ..sources.folder import key_path, unescape_key
 from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
 from .card import CARD_FILE, is_own_card, render_card
@@ -155,9 +155,17 @@ def run_input_settings(out: Path) -> InputSettings:
     try:
         table = json.loads((out / JOB_FILE).read_text(encoding="utf-8")).get("input") or {}
         return InputSettings(follow_links=table.get("follow_links") is True,
-                             max_file_mb=float(table.get("max_file_mb", InputSettings.max_file_mb)))
+                             max_file_mb=float(table.get("max_file_mb", InputSettings.max_file_mb)),
+                             **_shard_settings(table))
     except (OSError, ValueError, TypeError, AttributeError):
         return InputSettings()
+
+
+def _shard_settings(table: dict[str, Any]) -> dict[str, Any]:
+    """The `[input]` fields that say how WebDataset shards were read (format, image members, keys)."""
+    found = {"format": table.get("format"), "image_members": table.get("image_members"),
+             "shard_keys": table.get("shard_keys")}
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _outside(image_path: str) -> JobError:
@@ -221,8 +229,23 @@ def _check_settings(settings: ExportSettings) -> None:
         raise JobError(f"--caption-ext applies to --to txt, not {to}")
     if not re.fullmatch(r"\.[A-Za-z0-9_-]+", settings.caption_ext):
         raise JobError(f"--caption-ext {settings.caption_ext!r}: give a dot and letters, e.g. .txt or .caption")
-    if settings.input is not None and not settings.input.is_dir():
+    shards = settings.input is not None and is_webdataset(settings.input, run_input_settings(settings.out))
+    if shards:
+        _check_shard_export(settings)
+    elif settings.input is not None and not settings.input.is_dir():
         raise JobError(f"--input {settings.input}: folder not found")
+
+
+def _check_shard_export(settings: ExportSettings) -> None:
+    """WebDataset shards as --input: images live inside tar files, so nothing is written beside them."""
+    if not input_exists(settings.input, run_input_settings(settings.out)):
+        raise JobError(f"--input {settings.input}: no such shard")
+    if settings.to == "hf" or settings.copy_images:
+        raise JobError(f"--input {settings.input}: the images are inside WebDataset shards; --to hf and "
+                       "--copy-images need image files (export txt --dest DIR, jsonl, csv or parquet)")
+    if settings.to == "txt" and settings.dest is None:
+        raise JobError(f"--to txt --input {settings.input}: the images are inside WebDataset shards; "
+                       "give --dest DIR for the sidecar files")
 
 
 def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, list[ErrorRow], int]:

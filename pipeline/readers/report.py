@@ -25,7 +25,7 @@ from typing import Any
 from .. import cost
 from ..cost import load_prices
 from ..errors import JobError
-from ..sources import open_source
+from ..sources import input_exists, open_source
 from ..store import JOB_FILE, HashSet, LatestRows, iter_rows, key_hash
 
 __all__ = ["Spend", "Throughput", "Leftover", "Report", "report", "format_report"]
@@ -304,7 +304,7 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
         hint = (" (a run is in progress or crashed; the next `caption run` turns its journal into a part)"
                 if journals else "")
         raise JobError(f"{out}: no Parquet parts to report on; is it an out folder written by `caption run`?{hint}")
-    if input_dir is not None and not Path(input_dir).exists():
+    if input_dir is not None and not input_exists(input_dir):
         raise JobError(f"{input_dir}: input folder not found")
     prices = load_prices(prices_file) if prices is None else prices
     tally = _Tally(LatestRows.read(out), check=_FormulaCheck.of_out(out))

@@ -44,7 +44,7 @@ from ..cost import load_prices
 from ..errors import BadImageError, JobError
 from ..images import encode_image
 from ..job import ImageSettings
-from ..sources import ImageSource, Item, open_source
+from ..sources import ImageSource, Item, input_exists, is_webdataset, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
 from .export import run_input_settings
 from .review_page import GENERATOR, HEAD, TAIL
@@ -119,8 +119,7 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
     `input_dir` is not a folder, or when `html_path` exists and is not a page this module wrote.
     """
     check_out_folder(out)
-    if input_dir is not None and not input_dir.is_dir():
-        raise JobError(f"--input {input_dir}: folder not found")
+    _check_input(input_dir, out)
     target = html_path or out / DEFAULT_HTML
     _refuse_foreign_file(target)
     meta = {"title": _title(out), "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -140,6 +139,18 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
                          errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
 
 
+def _check_input(input_dir: Path | None, out: Path) -> None:
+    """JobError unless `input_dir` is None, a folder, or WebDataset shards that exist (as the run read them)."""
+    if input_dir is None:
+        return
+    settings = run_input_settings(out)
+    if is_webdataset(input_dir, settings):
+        if not input_exists(input_dir, settings):
+            raise JobError(f"--input {input_dir}: no such shard")
+    elif not input_dir.is_dir():
+        raise JobError(f"--input {input_dir}: folder not found")
+
+
 def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = None, html_path: Path | None = None,
                      errors_first: bool = False, page_size: int = PAGE_SIZE,
                      prices: cost.PriceTable | None = None) -> ReviewSummary:
@@ -154,8 +165,7 @@ def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = No
         raise JobError(f"two out folders of the comparison have the same name: {', '.join(names)}")
     for variant in variants:
         check_out_folder(variant.out)
-    if input_dir is not None and not input_dir.is_dir():
-        raise JobError(f"--input {input_dir}: folder not found")
+    _check_input(input_dir, variants[0].out)
     target = html_path or variants[0].out / COMPARE_HTML
     _refuse_foreign_file(target)
     prices = prices if prices is not None else load_prices()
