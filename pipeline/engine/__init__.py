@@ -39,17 +39,17 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
     """
     if input_path is not None and (why := open_source(input_path, job.input).why_empty()) is not None:
         raise JobError(f"{input_path}: {why}")
+    if job.engine.name == "ray":
+        from .ray import run_ray
+
+        return await run_ray(job, input_path, out, api_key=api_key, headers=headers,
+                             allow_job_change=allow_job_change, progress=progress, handle_signals=handle_signals)
     if job.endpoint.mode == "batch":
         from .batch import run_batch
 
         return await run_batch(job, input_path, out, api_key=api_key, headers=headers,
                                allow_job_change=allow_job_change, progress=progress, detach=detach,
                                handle_signals=handle_signals)
-    if job.engine.name == "ray":
-        from .ray import run_ray
-
-        return await run_ray(job, input_path, out, api_key=api_key, headers=headers,
-                             allow_job_change=allow_job_change, progress=progress, handle_signals=handle_signals)
     from .online import run_online
 
     return await run_online(job, input_path, out, api_key=api_key, headers=headers,
