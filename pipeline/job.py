@@ -35,6 +35,7 @@ __all__ = [
     "Structured",
     "Batch",
     "Dedupe",
+    "Engine",
     "Job",
     "OVERRIDABLE",
     "SECTIONS",
@@ -206,6 +207,20 @@ class Dedupe:
 
 
 @dataclass(frozen=True, slots=True)
+class Engine:
+    """Where the work runs: this machine, or a Ray cluster (`caption[ray]`; README "Cluster").
+
+    Not part of the fingerprint: the same job on a cluster writes the same rows.
+    """
+
+    name: Literal["local", "ray"] = "local"  # `--engine ray`: Ray Data on a cluster, one rate budget for all of it
+    # What `ray.init(address=...)` takes: "auto", "HOST:PORT" of a running cluster, "ray://host:10001";
+    # None: a cluster of this machine alone, started for the run.
+    ray_address: str | None = None
+    ray_actors: int = 0  # request actors (async, no CPU of their own); 0 = one per node of the cluster
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A whole job, validated. `extra` is merged into every request payload."""
 
@@ -219,6 +234,7 @@ class Job:
     structured: Structured = field(default_factory=Structured)
     batch: Batch = field(default_factory=Batch)
     dedupe: Dedupe = field(default_factory=Dedupe)
+    engine: Engine = field(default_factory=Engine)
     extra: dict[str, Any] = field(default_factory=dict)  # [request.extra]
     source: str = "<defaults>"  # the file it came from, for messages
 
@@ -257,6 +273,7 @@ _SECTIONS: dict[str, type] = {
     "structured": Structured,
     "batch": Batch,
     "dedupe": Dedupe,
+    "engine": Engine,
 }
 
 SECTIONS = _SECTIONS
@@ -273,6 +290,7 @@ OVERRIDABLE: dict[str, str] = {
 """Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
 the [batch], [structured] and [dedupe] fields take their section as a prefix (`--batch-poll-s 5`,
 `--structured-format json_object`, `--dedupe-near`)."""
+OVERRIDABLE["engine"] = OVERRIDABLE.pop("name")  # `--engine ray` sets [engine] name (a bare `--name` says nothing)
 
 
 def load_job(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Job:
@@ -417,6 +435,7 @@ _RANGES: list[tuple[str, float, float]] = [
     ("limits.retry_max_s", 0, 86_400),
     ("limits.grace_s", 0, 86_400),
     ("limits.preprocess_workers", 0, 256),
+    ("engine.ray_actors", 0, 10_000),
     ("output.part_rows", 1, 10_000_000),
     ("output.part_seconds", 0.001, 86_400),
     ("output.min_chars", 1, 100_000),

@@ -1,7 +1,8 @@
 """engine: the per-image step and the drivers that schedule it.
 
 `run`/`run_async` pick the driver the job asks for (`endpoint.mode`): the online driver sends one
-request per image; the batch driver sends the same requests through a provider's Batch API. The
+request per image; the batch driver sends the same requests through a provider's Batch API; with
+`[engine] name = "ray"` the Ray driver sends them from a Ray cluster (ray.py). The
 drivers import the stages (sources, images, providers, store); no stage imports a driver.
 """
 
@@ -38,6 +39,11 @@ async def run_async(job: Job, input_path: str | Path, out: str | Path, *, api_ke
     """
     if input_path is not None and (why := open_source(input_path, job.input).why_empty()) is not None:
         raise JobError(f"{input_path}: {why}")
+    if job.engine.name == "ray":
+        from .ray import run_ray
+
+        return await run_ray(job, input_path, out, api_key=api_key, headers=headers,
+                             allow_job_change=allow_job_change, progress=progress, handle_signals=handle_signals)
     if job.endpoint.mode == "batch":
         from .batch import run_batch
 

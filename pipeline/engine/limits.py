@@ -305,6 +305,18 @@ class AdaptiveConcurrency:
         """The request ended: it is no longer in flight (releasing twice is harmless)."""
         self._permits.pop(permit.seq, None)
 
+    def expired(self, older_than_s: float, now: float) -> list[Permit]:
+        """Release and return the permits sent more than `older_than_s` before `now`.
+
+        For a budget shared by senders in other processes: a sender that died (its process or
+        node killed) never releases its permits, and without this they would hold the in-flight
+        limit down for the rest of the run.
+        """
+        stale = [permit for permit in self._permits.values() if permit.sent_at < now - older_than_s]
+        for permit in stale:
+            self.release(permit)
+        return stale
+
     def on_success(self) -> None:
         """A request succeeded: grow the limit by one while in slow start or after a long run of them."""
         self._successes += 1
@@ -424,6 +436,27 @@ class Limiter:
                     await asyncio.wait_for(self._changed.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
+
+    def try_acquire(self, tokens: int, *, fixed_tokens: int = 0, model: str = "") -> Permit | None:
+        """A permit at once, as `acquire` would give it, or None: nobody is waiting in the line, a slot
+        is free and the budget has room now. Never waits; lets one remote call fetch several permits."""
+        now = time.monotonic()
+        if self._gate.locked() or self.concurrency.full or self.budget.pause_s(now) > 0:
+            return None
+        reserve = self.calibration.reserve(model, tokens, fixed_tokens)
+        if self.budget.try_take(reserve, now) > 0:
+            return None
+        self._note_sent(now, reserve)
+        return self.concurrency.admit(reserve, now, estimate=tokens, fixed=fixed_tokens, model=model)
+
+    def release_expired(self, older_than_s: float) -> int:
+        """Free the slots of permits out longer than `older_than_s` (their sender died); how many."""
+        stale = self.concurrency.expired(older_than_s, time.monotonic())
+        if stale:
+            log.warning("%d request(s) not heard of for %.0f s (their sender died?): their slots are free again",
+                        len(stale), older_than_s)
+            self._changed.set()
+        return len(stale)
 
     def _note_sent(self, now: float, tokens: int) -> None:
         self._sent.append((now, tokens))
