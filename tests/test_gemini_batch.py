@@ -24,8 +24,8 @@ from pipeline.errors import BadOutputError, BadRequestError, QuotaError, RateLim
 from pipeline.job import Job
 from pipeline.localserver import LocalServer
 from pipeline.providers.gemini import GeminiBatchBackend, GeminiProvider
-from pipeline.providers.gemini.batch import batch_info, display_name, metadata_of, parse_result_line, \
-    resource_name
+from pipeline.providers.gemini.batch import _on_origin, batch_info, display_name, metadata_of, \
+    parse_result_line, resource_name
 from pipeline.records import Encoded
 
 GOOD = ["astronaut_eileen_collins.jpg", "brick_wall_grey.jpg", "chelsea_the_cat.jpg", "coffee_cup.jpg",
@@ -88,6 +88,13 @@ def test_result_lines_parse_into_answers_and_typed_errors(raw, error, text):
 )
 def test_only_well_formed_names_go_into_urls(value, kind, ok):
     assert resource_name(value, kind) == (value if ok else None)
+
+
+def test_the_upload_session_url_stays_on_the_servers_host():
+    root = "http://127.0.0.1:9"
+    assert _on_origin("https://evil.example/upload/v1beta/files?upload_id=u1", root) == \
+        "http://127.0.0.1:9/upload/v1beta/files?upload_id=u1"
+    assert _on_origin("/upload/v1beta/files?upload_id=u2", root) == "http://127.0.0.1:9/upload/v1beta/files?upload_id=u2"
 
 
 def test_batch_objects_map_states_counts_results_and_the_display_name():

@@ -43,6 +43,7 @@ import datetime as dt
 import json
 import logging
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,7 @@ class GeminiBatchBackend:
         session_url = headers.get("X-Goog-Upload-URL")
         if not session_url:
             raise TransientError("the upload start was answered without an X-Goog-Upload-URL")
-        if "://" not in session_url:
-            session_url = self._root + "/" + session_url.lstrip("/")
+        session_url = _on_origin(session_url, self._root)
         finish = {**self._headers, "X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0",
                   "Content-Length": str(size)}
         with open(path, "rb") as handle:
@@ -241,6 +241,13 @@ class GeminiBatchBackend:
                 return answer, response.headers
         except (TimeoutError, aiohttp.ClientError, ValueError) as err:
             raise TransientError(f"{method} {url.split('?')[0]} failed: {type(err).__name__}: {err}") from err
+
+
+def _on_origin(url: str, root: str) -> str:
+    """`url` moved to `root`'s scheme and host: the key goes with the upload, so never to another host
+    (a relay may hand back Google's own session URL; the google-genai SDK rewrites it the same way)."""
+    parts, base = urllib.parse.urlsplit(url), urllib.parse.urlsplit(root)
+    return urllib.parse.urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
 
 
 def parse_result_line(raw: bytes) -> LineResult | None:
