@@ -15,6 +15,7 @@ from pathlib import Path
 
 import braceexpand
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
@@ -289,7 +290,7 @@ def _start(pattern: str, out: Path, server) -> subprocess.Popen:
 
 
 def _durable_rows(out: Path) -> list[dict]:
-    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pa.parquet.read_table(part).to_pylist()]
+    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
     for journal in sorted(out.glob("_journal-*.jsonl")):
         for line in journal.read_bytes().splitlines():
             try:
@@ -300,8 +301,6 @@ def _durable_rows(out: Path) -> list[dict]:
 
 
 def test_sigkill_then_rerun_gives_one_ok_row_per_sample(server, tmp_path, cli):
-    import pyarrow.parquet  # noqa: F401  (pa.parquet, for _durable_rows)
-
     data = (SAMPLES / "coffee_cup.jpg").read_bytes()
     samples = [{"__key__": f"{i:06d}", "jpg": data + f"copy {i}".encode(), "txt": str(i)} for i in range(30)]
     pattern = write_shards(tmp_path / "s", samples, per_shard=7)
