@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -131,10 +132,12 @@ def test_the_image_member_is_the_first_of_image_members_the_sample_has(tmp_path,
 
 def test_a_member_over_max_file_mb_is_never_read_and_refused_when_asked(tmp_path):
     big = (SAMPLES / "coffee_cup.jpg").read_bytes()
-    pattern = write_shards(tmp_path / "s", [_sample(0, "chelsea_the_cat.jpg"), {"__key__": "big", "jpg": big}])
+    pattern = write_shards(tmp_path / "s", [_sample(0, "chelsea_the_cat.jpg", txt="t" * len(big)),
+                                            {"__key__": "big", "jpg": big, "txt": "small"}])
     limit_mb = (len(big) - 1) / 1e6
     small, large = open_source(pattern, InputSettings(max_file_mb=limit_mb, keep_columns=("txt",))).items()
     assert small.read() == (SAMPLES / "chelsea_the_cat.jpg").read_bytes()
+    assert small.kept == {"txt": None} and large.kept == {"txt": "small"}  # a kept member over the limit is null
     assert large.data is None and large.size == len(big)  # not read by the walk
     with pytest.raises(OSError, match=r"over the .* MB limit \(\[input\] max_file_mb"):
         large.read()
@@ -185,6 +188,10 @@ def test_missing_shards_are_logged_and_the_rest_read(tmp_path, caplog):
     source = open_source(pattern)
     assert [item.key for item in source.items()] == ["000002", "000003"]
     assert source.skipped == {BAD_SHARD: 1}
+    os.mkfifo(tmp_path / "s" / "shard-00000.tar")  # never opened for a blocking read: no hang
+    fifo = open_source(pattern)
+    assert [item.key for item in fifo.items()] == ["000002", "000003"] and fifo.skipped == {BAD_SHARD: 1}
+    assert any("not a regular file" in r.getMessage() for r in caplog.records)
     assert open_source(str(tmp_path / "s" / "shard-{00007..00008}.tar")).why_empty().startswith(
         "names 2 shard(s), none of which could be read")
 
