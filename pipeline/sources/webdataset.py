@@ -26,9 +26,8 @@ Items hold the kept values and where their image is (shard, offset, size). Those
 that is not compressed read it when asked (a seek and a read, from the page cache: the walk just
 passed it), so the queues and a sample hold small items; those of an object store or a compressed
 shard carry the bytes the walk read (bounded), so a worker or a Ray task never reopens such a shard.
-`open_by_key` (export, review) finds an image from an index built
-by one pass over the shards on first use: sorted arrays, about 40 bytes per sample, and then one
-ranged read per image.
+`open_by_key` (export, review) finds an image from an index built by one pass over the shards on
+first use (sorted arrays, about 40 bytes a sample), then reads it from its shard at its offset.
 
 Keys are unique per out folder: a key met again (in another shard, or later in the same one) is
 passed over, counted as "duplicate key", with a log line naming both shards; `[input] shard_keys =
@@ -66,8 +65,8 @@ from ..job import InputSettings
 from .folder import escape_key, image_extensions
 from .fs import is_url, open_fs
 
-__all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards", "shard_locations",
-           "shard_name", "shards_found", "split_member"]
+__all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards",
+           "shard_locations", "shard_name", "shards_found", "split_member"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,6 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 LIST_SEPARATOR = "::"  # several shard patterns in one INPUT, as webdataset's expand_urls splits them
 MAX_SHARDS = 1_000_000  # shard names one INPUT may expand to (they are held as a list)
 MAX_LIST_BYTES = 16 << 20  # a text file listing shards is read up to this size
-_READ_CHUNK = 1 << 20
 
 # Skip reasons, as `WebDatasetSource.skipped` counts them.
 NO_IMAGE, DUPLICATE, BAD_SHARD = "no image member", "duplicate key", "unreadable shard"
@@ -496,9 +494,9 @@ class WebDatasetSource:
                     yield item
                     continue
                 tally[DUPLICATE] = tally.get(DUPLICATE, 0) + 1
-                self._log(quiet, shard, f"duplicate:{item.key}", "skipping sample %s of %s: its key was read from "
-                          "%s already (keys must be unique; [input] shard_keys = true prefixes each with its "
-                          "shard's name)", item.key, shard, self.shards[first])
+                self._log(quiet, shard, "duplicate", "skipping sample %s of %s: its key was read from %s already "
+                          "(keys must be unique; [input] shard_keys = true prefixes each with its shard's name; "
+                          "more of this shard's are counted, not logged)", item.key, shard, self.shards[first])
 
     def _shard_items(self, shard: str, tally: dict[str, int], *, with_data: bool,
                      quiet: bool) -> Iterator[ShardItem]:
@@ -510,7 +508,6 @@ class WebDatasetSource:
             self._log(quiet, shard, "open", "skipping shard %s: %s", shard, err.strerror or err)
             return
         with raw:
-            tail = None
             try:
                 stream = _open_tar_stream(raw)
                 tail = _Tail(stream)
@@ -587,7 +584,8 @@ class WebDatasetSource:
                          size=sample.info.size, max_bytes=self.max_bytes, data=sample.data, kept=kept)
 
     def _log(self, quiet: bool, shard: str, what: str, message: str, *args: Any) -> None:
-        """Log a line once per source (the run's walk and the progress count see the same shards)."""
+        """Log a line once per shard and kind per source (the run's walk and the progress count see the
+        same shards), so the lines stay as few as the shards."""
         with self._lock:
             if quiet or (shard, what) in self._logged:
                 return
