@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import braceexpand
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
@@ -103,6 +105,7 @@ def test_items_are_the_samples_webdataset_reads(shards):
     assert [item.key for item in items] == [s["__key__"] for s in reference] == [f"{i:06d}" for i in range(7)]
     for item, sample in zip(items, reference, strict=True):
         extension = item.member.rsplit(".", 1)[1]
+        assert item.data is None  # a local tar: read again when asked, not carried
         assert item.read() == sample[extension] and item.open().read(4) == sample[extension][:4]
         assert item.kept == {"txt": sample["txt"].decode(), "json": sample["json"].decode(), "cls": None,
                              "__url__": sample["__url__"]}
@@ -130,10 +133,12 @@ def test_the_image_member_is_the_first_of_image_members_the_sample_has(tmp_path,
 
 def test_a_member_over_max_file_mb_is_never_read_and_refused_when_asked(tmp_path):
     big = (SAMPLES / "coffee_cup.jpg").read_bytes()
-    pattern = write_shards(tmp_path / "s", [_sample(0, "chelsea_the_cat.jpg"), {"__key__": "big", "jpg": big}])
+    pattern = write_shards(tmp_path / "s", [_sample(0, "chelsea_the_cat.jpg", txt="t" * len(big)),
+                                            {"__key__": "big", "jpg": big, "txt": "small"}])
     limit_mb = (len(big) - 1) / 1e6
     small, large = open_source(pattern, InputSettings(max_file_mb=limit_mb, keep_columns=("txt",))).items()
     assert small.read() == (SAMPLES / "chelsea_the_cat.jpg").read_bytes()
+    assert small.kept == {"txt": None} and large.kept == {"txt": "small"}  # a kept member over the limit is null
     assert large.data is None and large.size == len(big)  # not read by the walk
     with pytest.raises(OSError, match=r"over the .* MB limit \(\[input\] max_file_mb"):
         large.read()
@@ -184,6 +189,10 @@ def test_missing_shards_are_logged_and_the_rest_read(tmp_path, caplog):
     source = open_source(pattern)
     assert [item.key for item in source.items()] == ["000002", "000003"]
     assert source.skipped == {BAD_SHARD: 1}
+    os.mkfifo(tmp_path / "s" / "shard-00000.tar")  # never opened for a blocking read: no hang
+    fifo = open_source(pattern)
+    assert [item.key for item in fifo.items()] == ["000002", "000003"] and fifo.skipped == {BAD_SHARD: 1}
+    assert any("not a regular file" in r.getMessage() for r in caplog.records)
     assert open_source(str(tmp_path / "s" / "shard-{00007..00008}.tar")).why_empty().startswith(
         "names 2 shard(s), none of which could be read")
 
@@ -289,7 +298,7 @@ def _start(pattern: str, out: Path, server) -> subprocess.Popen:
 
 
 def _durable_rows(out: Path) -> list[dict]:
-    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pa.parquet.read_table(part).to_pylist()]
+    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
     for journal in sorted(out.glob("_journal-*.jsonl")):
         for line in journal.read_bytes().splitlines():
             try:
@@ -300,8 +309,6 @@ def _durable_rows(out: Path) -> list[dict]:
 
 
 def test_sigkill_then_rerun_gives_one_ok_row_per_sample(server, tmp_path, cli):
-    import pyarrow.parquet  # noqa: F401  (pa.parquet, for _durable_rows)
-
     data = (SAMPLES / "coffee_cup.jpg").read_bytes()
     samples = [{"__key__": f"{i:06d}", "jpg": data + f"copy {i}".encode(), "txt": str(i)} for i in range(30)]
     pattern = write_shards(tmp_path / "s", samples, per_shard=7)
@@ -407,8 +414,10 @@ def test_shards_on_s3_read_as_local_ones_do(s3_bucket, shards, tmp_path):
     settings = InputSettings(storage_options=options, keep_columns=("txt",))
     remote = open_source("s3://shards-bucket/train/shard-{00000..00002}.tar", settings)
     local = open_source(shards, InputSettings(keep_columns=("txt",)))
-    assert [(i.key, i.read(), dict(i.kept)) for i in remote.items()] == [
+    remote_items = list(remote.items())
+    assert [(i.key, i.read(), dict(i.kept)) for i in remote_items] == [
         (i.key, i.read(), dict(i.kept)) for i in local.items()]
+    assert all(i.data is not None and not i.storage_options for i in remote_items)  # carried: no second download
     assert remote.open_by_key("000002").read() == (SAMPLES / "transparent_logo.png").read_bytes()
     assert remote.why_empty() is None and remote.skipped == {NO_IMAGE: 1}
 
@@ -430,7 +439,7 @@ def test_a_run_over_a_cut_shard_and_a_repeated_key_captions_the_rest_once(server
     out = tmp_path / "out"
     assert caption_run(server, f"{pattern}::{again}", out) == 0
     printed = capsys.readouterr().out
-    assert "passed over: 1 duplicate key, 1 no image member, 1 unreadable shard" in printed
+    assert "passed over: 1 duplicate key, 1 unreadable shard" in printed  # the cut sample goes with its shard
     rows = read_rows(out)
     assert sorted(r["image_path"] for r in rows) == ["000000", "000003", "000004", "000005"]
     assert all(r["status"] == "ok" for r in rows)

@@ -22,10 +22,12 @@ a member over `[input] max_file_mb` is never read, its item is refused as a `bad
 shard that is missing, truncated or corrupt keeps what was read from it; the rest of it is passed
 over with one log line naming it, and the walk goes on to the next shard.
 
-Items hold their image's bytes (read by the walk, bounded) and the kept values, so a worker or a
-Ray task never opens a shard. `open_by_key` (export, review) finds an image from an index built
-by one pass over the shards on first use: sorted arrays, about 40 bytes per sample, and then one
-ranged read per image.
+Items hold the kept values and where their image is (shard, offset, size). Those of a local shard
+that is not compressed read it when asked (a seek and a read, from the page cache: the walk just
+passed it), so the queues and a sample hold small items; those of an object store or a compressed
+shard carry the bytes the walk read (bounded), so a worker or a Ray task never reopens such a shard.
+`open_by_key` (export, review) finds an image from an index built by one pass over the shards on
+first use (sorted arrays, about 40 bytes a sample), then reads it from its shard at its offset.
 
 Keys are unique per out folder: a key met again (in another shard, or later in the same one) is
 passed over, counted as "duplicate key", with a log line naming both shards; `[input] shard_keys =
@@ -63,8 +65,8 @@ from ..job import InputSettings
 from .folder import escape_key, image_extensions
 from .fs import is_url, open_fs
 
-__all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards", "shard_locations",
-           "shard_name", "shards_found", "split_member"]
+__all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards",
+           "shard_locations", "shard_name", "shards_found", "split_member"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 LIST_SEPARATOR = "::"  # several shard patterns in one INPUT, as webdataset's expand_urls splits them
 MAX_SHARDS = 1_000_000  # shard names one INPUT may expand to (they are held as a list)
 MAX_LIST_BYTES = 16 << 20  # a text file listing shards is read up to this size
-_READ_CHUNK = 1 << 20
 
 # Skip reasons, as `WebDatasetSource.skipped` counts them.
 NO_IMAGE, DUPLICATE, BAD_SHARD = "no image member", "duplicate key", "unreadable shard"
@@ -333,7 +334,7 @@ class ShardItem:
     offset: int  # where the member's bytes start in the (uncompressed) tar stream
     size: int  # the member's size in bytes
     max_bytes: int  # a larger member is refused, unread
-    data: bytes | None = field(default=None, repr=False)  # its bytes, read by the walk; None: read from the shard
+    data: bytes | None = field(default=None, repr=False)  # its bytes, read by the walk; None: read from the shard when asked
     kept: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the job's keep_columns → their values
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -493,9 +494,9 @@ class WebDatasetSource:
                     yield item
                     continue
                 tally[DUPLICATE] = tally.get(DUPLICATE, 0) + 1
-                self._log(quiet, shard, f"duplicate:{item.key}", "skipping sample %s of %s: its key was read from "
-                          "%s already (keys must be unique; [input] shard_keys = true prefixes each with its "
-                          "shard's name)", item.key, shard, self.shards[first])
+                self._log(quiet, shard, "duplicate", "skipping sample %s of %s: its key was read from %s already "
+                          "(keys must be unique; [input] shard_keys = true prefixes each with its shard's name; "
+                          "more of this shard's are counted, not logged)", item.key, shard, self.shards[first])
 
     def _shard_items(self, shard: str, tally: dict[str, int], *, with_data: bool,
                      quiet: bool) -> Iterator[ShardItem]:
@@ -507,23 +508,26 @@ class WebDatasetSource:
             self._log(quiet, shard, "open", "skipping shard %s: %s", shard, err.strerror or err)
             return
         with raw:
-            tail = None
             try:
-                tail = _Tail(_open_tar_stream(raw))
+                stream = _open_tar_stream(raw)
+                tail = _Tail(stream)
+                # A local shard that is not compressed is read again cheaply (a seek, from the page cache):
+                # its items say where their image is instead of carrying it.
+                image_bytes = with_data and (is_url(shard) or stream is not raw)
                 # Stream mode: one pass, no seeking; the encoding keeps names that are not UTF-8 reversible.
                 with tarfile.open(fileobj=tail, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
-                    yield from self._samples(shard, tar, tally, with_data)
+                    yield from self._samples(shard, tar, tail, tally, kept_values=with_data, image_bytes=image_bytes)
                     if not tail.ended_cleanly(tar.offset):
                         raise tarfile.ReadError(f"cut short or corrupt at byte {tar.offset} (no end-of-archive block)")
             except _SHARD_ERRORS as err:
                 tally[BAD_SHARD] = tally.get(BAD_SHARD, 0) + 1
                 self._log(quiet, shard, "read", "shard %s: %s; the rest of it is skipped", shard, err)
 
-    def _samples(self, shard: str, tar: tarfile.TarFile, tally: dict[str, int],
-                 with_data: bool) -> Iterator[ShardItem]:
+    def _samples(self, shard: str, tar: tarfile.TarFile, tail: _Tail, tally: dict[str, int], *,
+                 kept_values: bool, image_bytes: bool) -> Iterator[ShardItem]:
         """Group the members into samples; yield each one that has an image member. When the shard
-        breaks off, the sample being read is yielded with the members read whole, then the error is
-        raised."""
+        breaks off, the sample being read is yielded if its image member was there whole (with the
+        kept members read whole), then the error is raised."""
         sample: _Sample | None = None
         broken: BaseException | None = None
         try:
@@ -537,31 +541,34 @@ class WebDatasetSource:
                     if sample is not None and (item := self._item(shard, sample, tally)) is not None:
                         yield item
                     sample = _Sample(key)
-                self._add_member(tar, info, extension, sample, with_data)
+                self._add_member(tar, info, extension, sample, kept_values, image_bytes)
         except _SHARD_ERRORS as err:
             broken = err
-        if sample is not None and (item := self._item(shard, sample, tally)) is not None:
+        whole = broken is None or (sample is not None and sample.info is not None
+                                   and sample.info.offset_data + sample.info.size <= tail.pos)
+        if sample is not None and whole and (item := self._item(shard, sample, tally)) is not None:
             yield item
         if broken is not None:
             raise broken
 
     def _add_member(self, tar: tarfile.TarFile, info: tarfile.TarInfo, extension: str, sample: _Sample,
-                    with_data: bool) -> None:
-        """Note the member if it is wanted: a better image member than the sample has, or a kept one
-        (read, when `with_data`, unless over max_bytes: an image over it is refused when read, a kept
-        value over it is null)."""
-        kept = with_data and extension in self.settings.keep_columns and extension not in sample.kept
+                    kept_values: bool, image_bytes: bool) -> None:
+        """Note the member if it is wanted: a better image member than the sample has (its bytes read
+        when `image_bytes`), or a kept one (read when `kept_values`). Nothing over max_bytes is read:
+        such an image is refused when its item is read, such a kept value is null."""
+        kept = kept_values and extension in self.settings.keep_columns and extension not in sample.kept
         rank = self.preferences.index(extension) if extension in self.preferences else None
         better = rank is not None and (sample.rank is None or rank < sample.rank)
         if not kept and not better:
             return
         if better:
             sample.data = None  # the older choice is dropped before this one is read
-        data = _read_member(tar, info) if with_data and info.size <= self.max_bytes else None
+        wanted = (kept or (better and image_bytes)) and info.size <= self.max_bytes
+        data = _read_member(tar, info) if wanted else None
         if kept:
             sample.kept[extension] = None if data is None else _kept_value(extension, data)
         if better:
-            sample.rank, sample.info, sample.data = rank, info, data
+            sample.rank, sample.info, sample.data = rank, info, data if image_bytes else None
 
     def _item(self, shard: str, sample: _Sample, tally: dict[str, int]) -> ShardItem | None:
         if sample.info is None:
@@ -571,12 +578,14 @@ class WebDatasetSource:
         if self.settings.shard_keys:
             key = f"{escape_key(shard_name(shard))}/{key}"
         kept = {name: _special_value(name, key, shard, sample.kept) for name in self.settings.keep_columns}
-        # No storage_options: the walk's items hold their bytes, so nothing that may be a credential travels with them.
+        # No storage_options: items of remote shards hold their bytes, so nothing that may be a credential
+        # travels with them; local shards need none.
         return ShardItem(key=key, shard=shard, member=sample.info.name, offset=sample.info.offset_data,
                          size=sample.info.size, max_bytes=self.max_bytes, data=sample.data, kept=kept)
 
     def _log(self, quiet: bool, shard: str, what: str, message: str, *args: Any) -> None:
-        """Log a line once per source (the run's walk and the progress count see the same shards)."""
+        """Log a line once per shard and kind per source (the run's walk and the progress count see the
+        same shards), so the lines stay as few as the shards."""
         with self._lock:
             if quiet or (shard, what) in self._logged:
                 return
