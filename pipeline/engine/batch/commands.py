@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 
 from ... import job as jobmod
 from ...errors import BadImageError, FatalError, JobError
@@ -27,7 +28,7 @@ from ...providers import BatchBackend, make_batch_backend, make_provider
 from ...records import BatchSummary
 from ...sources import open_source
 from ...store import BATCH_DIR, HashSet, OutFolderLock, Store, iter_rows, key_hash
-from ..caption import Captioner, image_facts
+from ..caption import Captioner, item_facts
 from ..local import bundled_endpoint
 from ..retry import RetryPolicy
 from .context import BatchRun
@@ -72,9 +73,10 @@ def _open(job: Job, session: aiohttp.ClientSession | None, base_url: str, api_ke
     return Captioner(job, provider, mode="batch"), backend
 
 
-def _open_store(job: Job, out: Path, allow_job_change: bool) -> Store:
+def _open_store(job: Job, out: Path, allow_job_change: bool, kept_schema: pa.Schema | None = None) -> Store:
+    """`out` opened for the job; `kept_schema` None: the kept columns the folder records (no source at hand)."""
     return Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
-                      part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+                      part_seconds=job.output.part_seconds, allow_other_job=allow_job_change, kept_schema=kept_schema)
 
 
 async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *, api_key: str | None,
@@ -92,7 +94,8 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
     if job.endpoint.base_url == LOCAL_BASE_URL and detach:
         raise JobError(f"{job.source}: --detach needs an endpoint that outlives this process; "
                        "start `caption serve` and pass --base-url http://127.0.0.1:8000/v1")
-    store = _open_store(job, out, allow_job_change)
+    source = open_source(input_path, job.input) if input_path is not None else None
+    store = _open_store(job, out, allow_job_change, source.kept_schema() if source is not None else None)
     store.keep_out(api_key, *headers.values())
     summary = BatchSummary(out=out, detached=detach)
     started = time.monotonic()
@@ -103,7 +106,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
             captioner, backend = _open(job, session, base_url, api_key, headers)
             captioner.provider.adopt(state.learned())
             run = BatchRun(captioner=captioner, backend=backend, store=store, state=state,
-                           source=open_source(input_path, job.input) if input_path is not None else None,
+                           source=source,
                            summary=summary, policy=RetryPolicy.of(job.limits))
             run.open_bar(progress)
             try:
@@ -225,7 +228,7 @@ def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> Prep
             if writer is None:
                 writer = ChunkWriter(dest, f"requests-{len(summary.files) + 1:05d}", job.batch)
                 summary.files.append(dest / f"{writer.name}.jsonl")
-            writer.add(line, IndexEntry(item.key, item.key, 1, image_facts(encoded)))
+            writer.add(line, IndexEntry(item.key, item.key, 1, item_facts(item, encoded)))
             summary.requests += 1
     if writer is not None:
         writer.close()
