@@ -46,7 +46,7 @@ from ..images import encode_image
 from ..job import ImageSettings
 from ..sources import ImageSource, Item, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
-from .export import run_input_settings
+from .inputs import run_input_settings
 from .review_page import GENERATOR, HEAD, TAIL
 
 __all__ = ["ReviewSummary", "Projection", "Variant", "write_review", "write_comparison", "DEFAULT_HTML",
@@ -118,7 +118,7 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
     `input_dir` is not a folder, or when `html_path` exists and is not a page this module wrote.
     """
     check_out_folder(out)
-    if input_dir is not None and not input_dir.is_dir():
+    if input_dir is not None and not input_dir.exists():  # a folder, or a table of paths or bytes
         raise JobError(f"--input {input_dir}: folder not found")
     target = html_path or out / DEFAULT_HTML
     _refuse_foreign_file(target)
@@ -153,7 +153,7 @@ def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = No
         raise JobError(f"two out folders of the comparison have the same name: {', '.join(names)}")
     for variant in variants:
         check_out_folder(variant.out)
-    if input_dir is not None and not input_dir.is_dir():
+    if input_dir is not None and not input_dir.exists():  # a folder, or a table of paths or bytes
         raise JobError(f"--input {input_dir}: folder not found")
     target = html_path or variants[0].out / COMPARE_HTML
     _refuse_foreign_file(target)
