@@ -452,3 +452,58 @@ def test_a_large_table_is_read_one_row_group_at_a_time(images, tmp_path):
     assert item is not None and item.key == "12345" and dict(item.kept) == {"n": 12345}
     assert item.path == images / GOOD[12345 % 5]
     assert source.open_by_key("20000") is None and source.open_by_key("../etc/passwd") is None
+
+
+# --- the kept values' journey: journal → Parquet, and items that travel ------------------------
+
+
+def test_kept_values_of_every_arrow_kind_survive_the_journal_exactly(tmp_path):
+    import decimal
+
+    from pipeline.records import Result
+    from pipeline.store import Store
+
+    kept = pa.schema([
+        ("when", pa.timestamp("ms", tz="UTC")), ("day", pa.date32()), ("price", pa.decimal128(9, 2)),
+        ("raw", pa.binary()), ("tags", pa.list_(pa.string())), ("ratio", pa.float32()),
+        ("meta", pa.struct([("w", pa.int16()), ("thumb", pa.binary())])), ("cat", pa.dictionary(pa.int8(), pa.string())),
+    ])
+    values = {"when": dt.datetime(2025, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc), "day": dt.date(2025, 5, 6),
+              "price": decimal.Decimal("12.34"), "raw": b"\x00\xff", "tags": ["a", "b"], "ratio": 0.5,
+              "meta": {"w": 3, "thumb": b"\x01"}, "cat": "x"}
+    summary = {"fingerprint": "f" * 16}
+    store = Store.open(tmp_path, summary, part_rows=10, part_seconds=60, kept_schema=kept)
+    store.append(Result(image_path="a", status="ok", job_fingerprint="f" * 16, created_at=dt.datetime.now(dt.UTC),
+                        kept=values))
+    store.append(Result(image_path="b", status="error", job_fingerprint="f" * 16, created_at=dt.datetime.now(dt.UTC)))
+    store.close()
+    store.release()
+    (part,) = tmp_path.glob("part-*.parquet")
+    schema = pq.read_schema(part)
+    assert pa.schema([schema.field(name) for name in kept.names]).equals(kept)
+    first, second = pq.read_table(part).to_pylist()
+    assert {name: first[name] for name in kept.names} == values
+    assert all(second[name] is None for name in kept.names)  # a row without kept values: nulls, same schema
+    # the folder remembers: reopened without a source (batch collect) it keeps the same columns
+    again = Store.open(tmp_path, summary, part_rows=10, part_seconds=60)
+    assert again.kept_schema.equals(kept)
+    again.release()
+
+
+def test_items_pickle_and_read_in_another_process_without_open_files(images, tmp_path):
+    import pickle
+
+    cells = [(SAMPLES / GOOD[0]).read_bytes()]
+    pq.write_table(pa.table({"png": cells, "id": [7]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"img": [str(images / GOOD[1])], "id": [8]}), tmp_path / "p.parquet")
+    for table, settings, expected in [
+        (tmp_path / "b.parquet", InputSettings(bytes_column="png", keep_columns=("id",)), cells[0]),
+        (tmp_path / "p.parquet", InputSettings(path_column="img", keep_columns=("id",)),
+         (images / GOOD[1]).read_bytes()),
+    ]:
+        (item,) = open_source(table, settings).items()
+        code = ("import pickle, sys; item = pickle.loads(sys.stdin.buffer.read()); "
+                "sys.stdout.buffer.write(item.read()); sys.stderr.write(repr(dict(item.kept)))")
+        done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(item), capture_output=True, cwd=ROOT,
+                              check=True)
+        assert done.stdout == expected and done.stderr.decode() in ("{'id': 7}", "{'id': 8}")
