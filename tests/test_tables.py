@@ -507,3 +507,62 @@ def test_items_pickle_and_read_in_another_process_without_open_files(images, tmp
         done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(item), capture_output=True, cwd=ROOT,
                               check=True)
         assert done.stdout == expected and done.stderr.decode() in ("{'id': 7}", "{'id': 8}")
+
+
+# --- a table on an object store (moto's S3 server on loopback, through s3fs) -----------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 and a free port; fake credentials in the environment."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            env.setenv(name, value)
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        env.delenv("AWS_PROFILE", raising=False)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("layout", ["file", "shards"])
+def test_parquet_table_on_s3_with_relative_s3_paths(server, s3_endpoint, folder_captions, tmp_path, write_job, layout):
+    import s3fs
+
+    from pipeline.engine import run
+    from pipeline.job import load_job
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    bucket = f"tables-{layout}"
+    s3.mkdir(bucket)
+    for name in GOOD:
+        s3.pipe_file(f"{bucket}/data/imgs/{name}", (SAMPLES / name).read_bytes())
+    table = pa.table({"img": [f"imgs/{n}" for n in GOOD], "id": list(range(5))})
+    if layout == "file":
+        with s3.open(f"{bucket}/data/t.parquet", "wb") as handle:
+            pq.write_table(table, handle)
+        location = f"s3://{bucket}/data/t.parquet"
+    else:
+        for i, piece in enumerate((table.slice(0, 3), table.slice(3))):
+            with s3.open(f"{bucket}/data/part-{i}.parquet", "wb") as handle:
+                pq.write_table(piece, handle)
+        location = f"s3://{bucket}/data"
+    job_path = _job(tmp_path / "job.toml", write_job, path_column="img", keep_columns=["id"],
+                    **({"format": "table"} if layout == "shards" else {}))
+    job_path.write_text(job_path.read_text() + f'[input.storage_options]\nendpoint_url = "{s3_endpoint}"\n')
+    job = load_job(job_path, {"endpoint.base_url": server.base_url})
+    summary = run(job, location, tmp_path / "out", api_key=None, headers={}, progress=False)
+    assert summary.exit_code == 0 and summary.ok == 5
+    rows = read_rows(tmp_path / "out")
+    assert _by_sha(rows) == folder_captions
+    assert sorted((r["image_path"], r["id"]) for r in rows) == sorted((f"imgs/{n}", i) for i, n in enumerate(GOOD))

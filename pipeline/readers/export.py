@@ -194,9 +194,10 @@ def _check_settings(settings: ExportSettings) -> None:
     if settings.columns is not None:
         if to not in DEFAULT_COLUMNS:
             raise JobError(f"--columns applies to --to hf, jsonl and csv, not {to}")
-        unknown = [c for c in settings.columns if c not in SCHEMA.names]
+        names = [*SCHEMA.names, *kept_columns(settings.out).names]  # kept columns come along anyway
+        unknown = [c for c in settings.columns if c not in names]
         if unknown:
-            raise JobError(f"--columns: no column {', '.join(unknown)}; the columns are {', '.join(SCHEMA.names)}")
+            raise JobError(f"--columns: no column {', '.join(unknown)}; the columns are {', '.join(names)}")
     if settings.copy_images and (to not in ("txt", "hf") or settings.dest is None or settings.input is None):
         raise JobError("--copy-images needs --to txt or hf, with --dest (where to copy) and --input (from where)")
     if to == "hf" and settings.dest is not None and not settings.copy_images:
@@ -213,6 +214,10 @@ def _check_settings(settings: ExportSettings) -> None:
         raise JobError(f"--caption-ext {settings.caption_ext!r}: give a dot and letters, e.g. .txt or .caption")
     if settings.input is not None and not settings.input.exists():
         raise JobError(f"--input {settings.input}: folder not found")
+    if to in ("txt", "hf") and settings.input is not None and settings.input.is_file() and \
+            (settings.dest is None or settings.copy_images):
+        raise JobError(f"--to {to} writes beside image files in a folder, and --input {settings.input} is a file "
+                       "(a table); export it --to parquet, jsonl or csv and join on the kept columns")
 
 
 def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, list[ErrorRow], int]:
