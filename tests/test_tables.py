@@ -466,7 +466,8 @@ def test_kept_values_of_every_arrow_kind_survive_the_journal_exactly(tmp_path):
     kept = pa.schema([
         ("when", pa.timestamp("ms", tz="UTC")), ("day", pa.date32()), ("price", pa.decimal128(9, 2)),
         ("raw", pa.binary()), ("tags", pa.list_(pa.string())), ("ratio", pa.float32()),
-        ("meta", pa.struct([("w", pa.int16()), ("thumb", pa.binary())])), ("cat", pa.dictionary(pa.int8(), pa.string())),
+        ("meta", pa.struct([("w", pa.int16()), ("thumb", pa.binary())])),
+        ("cat", pa.dictionary(pa.int8(), pa.string())),
     ])
     values = {"when": dt.datetime(2025, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc), "day": dt.date(2025, 5, 6),
               "price": decimal.Decimal("12.34"), "raw": b"\x00\xff", "tags": ["a", "b"], "ratio": 0.5,

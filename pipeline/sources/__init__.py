@@ -58,8 +58,8 @@ def _open_kind(location: str, settings: InputSettings) -> ImageSource:
         return hf.open_hf(location, settings)
     for name in ("path_column", "bytes_column", "key_column"):
         if getattr(settings, name) is not None:
-            raise JobError(f"[input] {name} applies to a table or a Hugging Face dataset; {location} is read as "
-                           f"a folder of image files (set [input] format = \"table\" if it is a folder of Parquet shards)")
+            raise JobError(f"[input] {name} applies to a table or a Hugging Face dataset; {location} is read as a "
+                           "folder of image files (set [input] format = \"table\" if it is a folder of Parquet shards)")
     if settings.keep_columns:
         raise JobError(f"[input] keep_columns applies to a table, a Hugging Face dataset or WebDataset shards; "
                        f"{location} is read as a folder of image files, which has no columns to keep")

@@ -23,7 +23,7 @@ import pyarrow as pa
 from ..errors import JobError
 from ..job import InputSettings
 from .fs import is_url, open_fs
-from .table import TableSource, _Reader, _conformed
+from .table import TableSource, TableReader, conformed
 
 __all__ = ["DATASET_INFO", "STATE", "is_saved_dataset", "open_hf"]
 
@@ -68,7 +68,7 @@ def _read_json(location: str, options: dict[str, Any]) -> dict[str, Any]:
         raise JobError(f"{location}: not a readable datasets file ({err})") from None
 
 
-class _ArrowStreamReader(_Reader):
+class _ArrowStreamReader(TableReader):
     """The Arrow IPC stream files a `save_to_disk` folder lists in its state.json, as one table."""
 
     def __init__(self, folder: str, options: dict[str, Any]):
@@ -100,7 +100,7 @@ class _ArrowStreamReader(_Reader):
                         for offset in range(0, batch.num_rows, batch_rows):
                             piece = batch.slice(offset, batch_rows)
                             if row + offset + piece.num_rows > start:
-                                yield row + offset, _conformed(piece.select(columns), self.schema, columns, file)
+                                yield row + offset, conformed(piece.select(columns), self.schema, columns, file)
                     row += batch.num_rows
 
 

@@ -45,7 +45,8 @@ from ..job import InputSettings
 from .folder import FileItem, _too_big
 from .fs import is_url, open_fs, scheme_of
 
-__all__ = ["TABLE_SUFFIXES", "TableSource", "UrlItem", "BytesItem", "item_for_path", "hf_image_column"]
+__all__ = ["TABLE_SUFFIXES", "TableSource", "TableReader", "UrlItem", "BytesItem", "item_for_path", "hf_image_column",
+           "conformed"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _bytes_item(value: Any, key: str, settings: InputSettings, kept: Mapping[str
 # --- readers ---------------------------------------------------------------------------------
 
 
-class _Reader:
+class TableReader:
     """A table's schema and its record batches, `(first row number, batch)`, from a row on."""
 
     schema: pa.Schema
@@ -192,7 +193,7 @@ def _opened(location: str, storage_options: dict[str, Any], what: str) -> Iterat
         yield handle
 
 
-class _ParquetReader(_Reader):
+class _ParquetReader(TableReader):
     """One Parquet file, or every `.parquet` file under a folder or prefix (names sorted), as one table."""
 
     def __init__(self, location: str, storage_options: dict[str, Any]):
@@ -223,11 +224,11 @@ class _ParquetReader(_Reader):
                         row += rows
                         continue
                     for batch in handle.iter_batches(batch_size=batch_rows, row_groups=[number], columns=columns):
-                        yield row, _conformed(batch, self.schema, columns, file)
+                        yield row, conformed(batch, self.schema, columns, file)
                         row += batch.num_rows
 
 
-def _conformed(batch: pa.RecordBatch, schema: pa.Schema, columns: list[str], file: str) -> pa.RecordBatch:
+def conformed(batch: pa.RecordBatch, schema: pa.Schema, columns: list[str], file: str) -> pa.RecordBatch:
     """`batch` with the first shard's types: shards of one table must agree (JobError if they cannot)."""
     target = pa.schema([schema.field(name) for name in columns])
     if batch.schema.equals(target):
@@ -239,7 +240,7 @@ def _conformed(batch: pa.RecordBatch, schema: pa.Schema, columns: list[str], fil
                        "every shard of one table needs the same columns and types") from None
 
 
-class _TextReader(_Reader):
+class _TextReader(TableReader):
     """A CSV or JSONL file, read by blocks; the types are inferred from the first block, and the
     path and key columns are read as text."""
 
@@ -339,7 +340,7 @@ class TableSource:
     """A table of image paths or bytes, as an `ImageSource` (see the module docstring)."""
 
     def __init__(self, location: str | Path, settings: InputSettings | None = None, *, kind: str | None = None,
-                 reader: _Reader | None = None, image_column: str | None = None):
+                 reader: TableReader | None = None, image_column: str | None = None):
         self.location = str(location)
         self.settings = settings = settings or InputSettings()
         self.skipped: dict[str, int] = {}  # nothing is passed over: every row is an item
@@ -376,13 +377,12 @@ class TableSource:
         if missing:
             raise JobError(f"[input] keep_columns names {', '.join(map(repr, missing))}, not a column of {where}; "
                            f"its columns are {', '.join(names)}")
-        if self.bytes_column is not None and not _holds_bytes(self.schema.field(self.bytes_column).type):
-            raise JobError(f"[input] bytes_column = {self.bytes_column!r} is {self.schema.field(self.bytes_column).type}"
-                           " in " + where + "; it must be binary, or an image struct of {bytes, path}")
-        if self.path_column is not None and not pa.types.is_string(self.schema.field(self.path_column).type) \
-                and not pa.types.is_large_string(self.schema.field(self.path_column).type):
-            raise JobError(f"[input] path_column = {self.path_column!r} is {self.schema.field(self.path_column).type}"
-                           f" in {where}; it must hold text (paths or URLs)")
+        if self.bytes_column is not None and not _holds_bytes(kind := self.schema.field(self.bytes_column).type):
+            raise JobError(f"[input] bytes_column = {self.bytes_column!r} is {kind} in {where}; it must be binary, "
+                           "or an image struct of {bytes, path}")
+        if self.path_column is not None and not _holds_text(kind := self.schema.field(self.path_column).type):
+            raise JobError(f"[input] path_column = {self.path_column!r} is {kind} in {where}; it must hold text "
+                           "(paths or URLs)")
 
     def kept_schema(self) -> pa.Schema:
         return pa.schema([self.schema.field(name) for name in self.settings.keep_columns])
@@ -496,6 +496,8 @@ def _hash(key: str) -> int:
 
 def _words(values: pa.UInt64Array) -> memoryview:
     """A uint64 array's values as a memoryview of unsigned 64-bit words (no copy; bisect reads it)."""
+    if not len(values):
+        return memoryview(b"").cast("Q")
     words = memoryview(values.buffers()[1]).cast("Q")
     return words[values.offset:values.offset + len(values)]
 
@@ -506,12 +508,16 @@ def _holds_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
 
 
+def _holds_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def _kind_of(location: str) -> str:
     suffix = posixpath.splitext(location.rstrip("/"))[1].lower()
     return TABLE_SUFFIXES.get(suffix, "parquet")  # a folder of shards
 
 
-def _open_reader(location: str, kind: str, settings: InputSettings) -> _Reader:
+def _open_reader(location: str, kind: str, settings: InputSettings) -> TableReader:
     if kind == "parquet":
         return _ParquetReader(location, settings.storage_options)
     return _TextReader(location, kind, settings)

@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from ..records import Result
 
-__all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "KEPT", "JournalLine", "result_line", "journal_lines", "read_journal",
-           "with_kept", "kept_of", "json_value", "kept_values"]
+__all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "KEPT", "JournalLine", "result_line", "journal_lines",
+           "read_journal", "with_kept", "kept_of", "json_value", "kept_values"]
 
 log = logging.getLogger(__name__)
 
