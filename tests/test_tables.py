@@ -567,3 +567,15 @@ def test_parquet_table_on_s3_with_relative_s3_paths(server, s3_endpoint, folder_
     rows = read_rows(tmp_path / "out")
     assert _by_sha(rows) == folder_captions
     assert sorted((r["image_path"], r["id"]) for r in rows) == sorted((f"imgs/{n}", i) for i, n in enumerate(GOOD))
+
+
+@pytest.mark.parametrize("key_column", [None, "k"], ids=["path-twice", "key-twice"])
+def test_a_table_whose_rows_share_a_key_is_refused_before_anything_is_sent(server, images, tmp_path, write_job,
+                                                                           cli, key_column):
+    paths = [str(images / GOOD[0]), str(images / GOOD[1]), str(images / GOOD[0] if key_column is None else GOOD[2])]
+    pq.write_table(pa.table({"img": paths, "k": ["a", "b", "a"]}), tmp_path / "t.parquet")
+    settings = {"path_column": "img", **({"key_column": key_column} if key_column else {})}
+    ran = cli("run", tmp_path / "t.parquet", "--job", _job(tmp_path / "job.toml", write_job, **settings),
+              "--out", tmp_path / "out", "--base-url", server.base_url)
+    assert ran.code == 2 and "rows 0 and 2 have the same key" in ran.err and "key_column" in ran.err
+    assert len(ran.err.strip().splitlines()) == 1 and not server.observed()

@@ -352,7 +352,7 @@ class TableSource:
         self._check_columns()
         self.batches_read = 0  # record batches read by walks so far (tests: the table is streamed)
         self.largest_batch = 0  # the most rows one of them held
-        self._index: tuple[memoryview, memoryview] | None = None  # open_by_key: key hashes sorted, their rows
+        self._index: tuple[pa.UInt64Array, pa.UInt64Array] | None = None  # key hashes sorted, the row of each
         self._cursor: tuple[int, pa.RecordBatch | None, Iterator | None] = (0, None, None)
         self._said_relative = False
 
@@ -424,10 +424,29 @@ class TableSource:
         return _bytes_item(image, key, self.settings, kept, folder)
 
     def why_empty(self) -> str | None:
-        for _, batch in self._reader.batches(self._columns()[:1], 1):
-            if batch.num_rows:
-                return None
-        return "holds no rows: nothing to caption"
+        """None when the table can be captioned: it has a row, and no two rows share a key (two would
+        be one image to resume, dedupe and the readers, and one row's kept values would be lost).
+
+        Checking the keys costs one pass of the key column (the index `open_by_key` then uses).
+        """
+        if not any(batch.num_rows for _, batch in self._reader.batches(self._columns()[:1], 1)):
+            return "holds no rows: nothing to caption"
+        if self._key_of_index():
+            return None
+        if self._index is None:
+            self._index = self._build_index()
+        ordered, order = self._index
+        if len(ordered) < 2:
+            return None
+        same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+        at = pc.index(same, True).as_py()
+        if at < 0:
+            return None
+        rows = sorted((order[at].as_py(), order[at + 1].as_py()))
+        first = self._item_at(rows[0])
+        return (f"rows {rows[0]} and {rows[1]} have the same key {first.key!r} ([input] "
+                f"{'key_column' if self.settings.key_column else 'path_column'}); keys must be unique: set "
+                "[input] key_column to a column of unique values (an id)")
 
     # --- finding a row again ---
 
@@ -453,12 +472,12 @@ class TableSource:
     def _row_of(self, key: str) -> int | None:
         if self._index is None:
             self._index = self._build_index()
-        hashes, rows = self._index
+        hashes, rows = map(_words, self._index)
         wanted = _hash(key)
         at = bisect.bisect_left(hashes, wanted)
         return rows[at] if at < len(hashes) and hashes[at] == wanted else None
 
-    def _build_index(self) -> tuple[memoryview, memoryview]:
+    def _build_index(self) -> tuple[pa.UInt64Array, pa.UInt64Array]:
         """(key hashes ascending, the row of each): one pass of the key column, 16 bytes a row."""
         column = self.settings.key_column or self.path_column
         chunks = []
@@ -467,8 +486,7 @@ class TableSource:
             chunks.append(pa.array([_hash(_key(start + i, v)) for i, v in enumerate(values)], pa.uint64()))
         hashes = pa.concat_arrays(chunks) if chunks else pa.array([], pa.uint64())
         order = pc.sort_indices(hashes)  # a UInt64Array of row numbers
-        ordered = hashes.take(order)
-        return _words(ordered), _words(order)
+        return hashes.take(order), order
 
     def _item_at(self, row: int) -> FileItem | UrlItem | BytesItem | None:
         """The item of row `row`, reading forward from the last batch found (or from its row group)."""
