@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,10 +136,12 @@ def item_for_path(value: Any, key: str, settings: InputSettings, kept: Mapping[s
         return BytesItem(key, None, kept, "the row's path_column is empty")
     if not isinstance(value, str):
         return BytesItem(key, None, kept, f"the row's path_column holds {type(value).__name__}, not a path")
-    if not is_url(value) and relative_to is not None and not Path(value).is_absolute():
-        value = posixpath.join(relative_to, value) if is_url(relative_to) else str(Path(relative_to) / value)
-    if is_url(value):
-        options = {} if scheme_of(value) in _HTTP else dict(settings.storage_options)
+    scheme = scheme_of(value)
+    if scheme is None and relative_to is not None and not os.path.isabs(value):
+        scheme = scheme_of(relative_to)
+        value = posixpath.join(relative_to, value) if scheme else os.path.join(relative_to, value)
+    if scheme is not None:
+        options = {} if scheme in _HTTP else dict(settings.storage_options)
         return UrlItem(value, key, max_bytes, kept, options)
     return FileItem(Path(value), key, max_bytes, kept)
 
@@ -415,8 +418,8 @@ class TableSource:
         folder = self._reader.folder
         key = _key(row, key if self.settings.key_column else image if self.path_column else None)
         if self.path_column is not None:
-            if not self._said_relative and isinstance(image, str) and image and not is_url(image) \
-                    and not Path(image).is_absolute():
+            if not self._said_relative and isinstance(image, str) and image and not os.path.isabs(image) \
+                    and not is_url(image):
                 self._said_relative = True
                 log.info("%s: relative paths in %s are read from the table's folder, %s", self._reader.where,
                          self.path_column, folder if is_url(folder) else Path(folder).resolve())

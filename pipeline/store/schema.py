@@ -25,7 +25,7 @@ import pyarrow as pa
 from ..records import Result
 
 __all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "KEPT", "JournalLine", "result_line", "journal_lines",
-           "read_journal", "with_kept", "kept_of", "json_value", "kept_values"]
+           "read_journal", "with_kept", "json_value", "kept_values"]
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,6 @@ def result_line(result: Result) -> str:
 def with_kept(kept: pa.Schema) -> pa.Schema:
     """SCHEMA followed by the kept columns: the schema of an out folder whose job keeps `kept`."""
     return pa.schema([*SCHEMA, *kept]) if len(kept) else SCHEMA
-
-
-def kept_of(schema: pa.Schema) -> pa.Schema:
-    """The kept columns of an out folder's schema (those after SCHEMA's own)."""
-    return pa.schema([f for f in schema if f.name not in SCHEMA.names])
 
 
 def json_value(value: object) -> object:
