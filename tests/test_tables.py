@@ -579,3 +579,26 @@ def test_a_table_whose_rows_share_a_key_is_refused_before_anything_is_sent(serve
               "--out", tmp_path / "out", "--base-url", server.base_url)
     assert ran.code == 2 and "rows 0 and 2 have the same key" in ran.err and "key_column" in ran.err
     assert len(ran.err.strip().splitlines()) == 1 and not server.observed()
+
+
+def test_http_image_over_max_file_mb_is_an_error_row(server, http_images, tmp_path, write_job):
+    pytest.importorskip("fsspec")
+    pq.write_table(pa.table({"url": [f"{http_images}/{GOOD[0]}"]}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="url", max_file_mb=0.001)
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
+    (row,) = read_rows(tmp_path / "out")
+    assert row["error_kind"] == "bad_image" and "max_file_mb" in row["error"] and not server.observed()
+
+
+def test_bytes_table_limit_review_and_export_by_row_number(server, tmp_path, write_job, cli):
+    cells = [(SAMPLES / n).read_bytes() for n in GOOD]
+    pq.write_table(pa.table({"png": cells, "id": list(range(5))}), tmp_path / "t.parquet", row_group_size=2)
+    job = _job(tmp_path / "job.toml", write_job, bytes_column="png", keep_columns=["id"])
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job, "--limit", "3") == 0
+    assert sorted(r["image_path"] for r in read_rows(tmp_path / "out")) == ["0", "1", "2"]
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 0  # the rest, resumed
+    assert sorted((r["image_path"], r["id"]) for r in read_rows(tmp_path / "out")) == [(str(i), i) for i in range(5)]
+    summary = write_review(tmp_path / "out", input_dir=tmp_path / "t.parquet", html_path=tmp_path / "r.html")
+    assert summary.thumbnails == 5  # each row found again by its number, its bytes read from the table
+    ran = cli("export", tmp_path / "out", "--to", "txt", "--input", tmp_path / "t.parquet")
+    assert ran.code == 2 and "--to parquet, jsonl or csv" in ran.err
