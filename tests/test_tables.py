@@ -602,3 +602,20 @@ def test_bytes_table_limit_review_and_export_by_row_number(server, tmp_path, wri
     assert summary.thumbnails == 5  # each row found again by its number, its bytes read from the table
     ran = cli("export", tmp_path / "out", "--to", "txt", "--input", tmp_path / "t.parquet")
     assert ran.code == 2 and "--to parquet, jsonl or csv" in ran.err
+
+
+def test_prepare_then_ingest_keeps_the_columns(server, images, tmp_path, write_job, cli):
+    import asyncio
+
+    from test_batch import _run_by_hand
+
+    pq.write_table(_paths_table(images), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="img", keep_columns=["id", "taken"])
+    dest, out = tmp_path / "requests", tmp_path / "out"
+    assert cli("batch", "prepare", tmp_path / "t.parquet", "--job", job, "--dest", dest).code == 0
+    (requests,) = sorted(dest.glob("requests-*[0-9].jsonl"))
+    asyncio.run(_run_by_hand(server.base_url, requests, tmp_path / "output.jsonl"))
+    assert cli("batch", "ingest", out, tmp_path / "output.jsonl", "--job", job, "--prepared", dest).code == 0
+    expected = {r["img"]: (r["id"], r["taken"]) for r in _paths_table(images).to_pylist()}
+    assert {r["image_path"]: (r["id"], r["taken"]) for r in read_rows(out)} == expected
+    assert _kept_types(out, ["taken"]) == {"taken": pa.timestamp("us")}
