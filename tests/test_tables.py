@@ -619,3 +619,15 @@ def test_prepare_then_ingest_keeps_the_columns(server, images, tmp_path, write_j
     expected = {r["img"]: (r["id"], r["taken"]) for r in _paths_table(images).to_pylist()}
     assert {r["image_path"]: (r["id"], r["taken"]) for r in read_rows(out)} == expected
     assert _kept_types(out, ["taken"]) == {"taken": pa.timestamp("us")}
+
+
+def test_a_folder_of_datasets_parquet_shards_with_format_hf(server, folder_captions, tmp_path, write_job):
+    dataset = _hf_dataset()
+    (tmp_path / "data").mkdir()
+    dataset.select(range(2)).to_parquet(str(tmp_path / "data" / "train-00000-of-00002.parquet"))
+    dataset.select(range(2, 5)).to_parquet(str(tmp_path / "data" / "train-00001-of-00002.parquet"))
+    job = _job(tmp_path / "job.toml", write_job, format="hf", keep_columns=["name"])
+    assert _run(server, tmp_path / "data", tmp_path / "out", job) == 0
+    rows = read_rows(tmp_path / "out")
+    assert _by_sha(rows) == folder_captions
+    assert {r["image_path"]: r["name"] for r in rows} == {str(i): GOOD[i] for i in range(5)}
