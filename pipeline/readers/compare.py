@@ -115,7 +115,7 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
             return CompareSummary(runs=tuple(runs), page=None)
     shown = [Variant(name, settings.out / name, _projection(job, settings.input, settings.out / name))
              for name, job in variants if (settings.out / name).is_dir()]
-    page = write_comparison(shown, input_dir=settings.input if settings.input.is_dir() else None,
+    page = write_comparison(shown, input_dir=settings.input,  # a folder, one image or a table: thumbnails for each
                             html_path=settings.out / PAGE)
     return CompareSummary(runs=tuple(runs), page=page)
 
