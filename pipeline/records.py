@@ -1,16 +1,18 @@
 """records.py: the small frozen values that flow between stages.
 
 A seam module, like `errors`: stages import these, never one another. No I/O here.
-`Result` maps field by field onto `store.SCHEMA` (a test asserts that they match).
+`Result` maps field by field onto `store.SCHEMA` (a test asserts that they match), except `kept`:
+the values of the job's `[input] keep_columns`, which the store writes as extra columns.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["Encoded", "Usage", "ChatResult", "RateInfo", "Result", "RunSummary", "BatchSummary"]
 
@@ -111,6 +113,7 @@ class Result:
     dedup_distance: int | None = None  # near copies: bits its dhash differs from the original's (exact: None)
     fields: str | None = None  # structured jobs: the answer's JSON object, checked against the schema
     flags: tuple[str, ...] | None = None  # quality flags: "over_max_chars", "under_min_chars", "length", "usage_rejected"
+    kept: Mapping[str, Any] = field(default_factory=dict)  # [input] keep_columns values: extra columns, not SCHEMA's
 
 
 MAX_NAMED_FAILURES = 10

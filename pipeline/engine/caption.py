@@ -26,7 +26,7 @@ from ..records import ChatResult, Encoded, Result
 from ..sources import Item
 from . import answers
 
-__all__ = ["Captioner", "Send", "image_facts"]
+__all__ = ["Captioner", "Send", "image_facts", "item_facts"]
 
 Send = Callable[[HttpRequest, int], Awaitable[ChatResult]]
 """How a driver sends one request: (request, tokens it counts against a budget) → answer."""
@@ -39,6 +39,15 @@ def image_facts(encoded: Encoded | None) -> dict[str, Any]:
     return {"image_sha256": encoded.sha256, "file_bytes": encoded.file_bytes, "width": encoded.width,
             "height": encoded.height, "sent_width": encoded.sent_width, "sent_height": encoded.sent_height,
             "sent_bytes": encoded.sent_bytes, "dhash": encoded.dhash}
+
+
+def item_facts(item: Item, encoded: Encoded | None = None) -> dict[str, Any]:
+    """The row fields an item's every row carries: `image_facts`, and its keep_columns values
+    (`kept`, when the job keeps any), so an ok, error, bad-image or copy row joins back to its input."""
+    facts = image_facts(encoded)
+    if item.kept:
+        facts["kept"] = dict(item.kept)
+    return facts
 
 
 @dataclass(slots=True)
@@ -84,13 +93,15 @@ class Captioner:
                               image.max_side, image.token_budget)
         return image if side >= image.max_side else dataclasses.replace(image, max_side=side)
 
-    async def caption(self, key: str, encoded: Encoded, send: Send, retrying: AsyncRetrying) -> Result:
+    async def caption(self, key: str, encoded: Encoded, send: Send, retrying: AsyncRetrying,
+                      facts: dict[str, Any] | None = None) -> Result:
         """Ask for one image's caption, retrying as `retrying` says; return the row it ends as.
 
+        `facts`: the row fields of the item (`item_facts`; default: `image_facts(encoded)`).
         Raises FatalError (no other image will fare better), and whatever `send` raises that is
         not a CaptionError (a driver's signal that the run is stopping).
         """
-        facts = image_facts(encoded)
+        facts = image_facts(encoded) if facts is None else facts
         tokens = self.provider.request_tokens(encoded)
         attempts, latency_s = 0, 0.0
         try:

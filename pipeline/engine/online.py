@@ -45,7 +45,7 @@ from ..providers.http import Transport
 from ..records import ChatResult, Encoded, Result, RunSummary
 from ..sources import Item, open_source
 from ..store import HashSet, Store, key_hash, open_batch_chunks
-from .caption import Captioner, image_facts
+from .caption import Captioner, item_facts
 from .dedupe import Deduper, NearIndex
 from .local import bundled_endpoint
 from .retry import FailureStreak, RetryPolicy
@@ -68,8 +68,10 @@ async def run_online(job: Job, input_path: str | Path, out: str | Path, *, api_k
                      headers: dict[str, str], allow_job_change: bool = False, progress: bool | None = None,
                      handle_signals: bool = False) -> RunSummary:
     """Caption `input_path` into `out` with one request per image; return the run's summary."""
+    source = open_source(input_path, job.input)
     store = Store.open(out, job_summary(job), part_rows=job.output.part_rows,
-                       part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+                       part_seconds=job.output.part_seconds, allow_other_job=allow_job_change,
+                       kept_schema=source.kept_schema())
     store.keep_out(api_key, *headers.values())
     try:
         if live := open_batch_chunks(store.out):
@@ -81,7 +83,7 @@ async def run_online(job: Job, input_path: str | Path, out: str | Path, *, api_k
             near_index = NearIndex(job.dedupe.max_distance, await asyncio.to_thread(store.original_dhashes))
         async with bundled_endpoint(job.endpoint.base_url) as base_url:
             captioner = Captioner(job, make_provider(job, base_url, api_key=api_key, headers=headers))
-            runner = _Run(captioner, open_source(input_path, job.input), store, done, sent_shas, progress,
+            runner = _Run(captioner, source, store, done, sent_shas, progress,
                           near_index)
             if handle_signals:
                 runner.install_signal_handlers()
@@ -214,7 +216,7 @@ class _Run:
             try:
                 encoded = await loop.run_in_executor(pool, self.captioner.prepare, item)
             except BadImageError as err:
-                self._record(self.captioner.error_row(item.key, {}, err, attempts=0))
+                self._record(self.captioner.error_row(item.key, item_facts(item), err, attempts=0))
                 continue
             await self.encoded.put((item, encoded))
         self._images_left -= 1
@@ -237,7 +239,7 @@ class _Run:
                 return
             except Exception as err:  # a bug or an unforeseen answer: this image's row says so, the run goes on
                 log.exception("internal error on %s", source.key)
-                result = self.captioner.error_row(source.key, image_facts(encoded),
+                result = self.captioner.error_row(source.key, item_facts(source, encoded),
                                                   InternalError(f"{type(err).__name__}: {err}"), attempts=0)
             self._record(result)
 
@@ -245,12 +247,12 @@ class _Run:
 
     async def _caption_once(self, item: Item, encoded: Encoded) -> Result:
         """Caption an image with retries, unless a file with the same bytes was (or is being) sent."""
-        facts = image_facts(encoded)
+        facts = item_facts(item, encoded)
 
         async def caption() -> Result:
             gate = self.gate
             retrying = self.policy.image_retrying(sleep=gate.sleep_unless_stopped, before_sleep=gate.before_retry)
-            return await self.captioner.caption(item.key, encoded, gate.send, retrying)
+            return await self.captioner.caption(item.key, encoded, gate.send, retrying, facts)
 
         return await self.dedupe.caption_once(
             encoded.sha256, caption, lambda original, distance: self.captioner.dedup_row(item.key, facts, original,

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import JobError
 from ..job import Job, load_job
 from ..records import RunSummary
-from ..sources import input_exists, is_webdataset
+from ..sources import input_exists
 from ..store import iter_latest_rows
 from .estimate import estimate
 from .review import Projection, ReviewSummary, Variant, write_comparison
@@ -116,8 +116,7 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
             return CompareSummary(runs=tuple(runs), page=None)
     shown = [Variant(name, settings.out / name, _projection(job, settings.input, settings.out / name))
              for name, job in variants if (settings.out / name).is_dir()]
-    thumbnails = settings.input.is_dir() or is_webdataset(settings.input)
-    page = write_comparison(shown, input_dir=settings.input if thumbnails else None,
+    page = write_comparison(shown, input_dir=settings.input,  # a folder, one image, a table or shards: thumbnails for each
                             html_path=settings.out / PAGE)
     return CompareSummary(runs=tuple(runs), page=page)
 

@@ -37,11 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import JobError
-from ..job import InputSettings
 from ..sources import ImageSource, input_exists, is_webdataset, open_source
 from ..sources.folder import key_path, unescape_key
-from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
+from ..store import (JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, json_value, open_atomic,
+                     recorded_kept_schema, with_kept)
 from .card import CARD_FILE, is_own_card, render_card
+from .inputs import run_input_settings
 from .report import Report, report
 
 __all__ = [
@@ -149,25 +150,6 @@ def _refuse_out_folder(folder: Path, flag: str) -> None:
                            "take the export for data. Choose a folder outside it")
 
 
-def run_input_settings(out: Path) -> InputSettings:
-    """The `[input]` settings the run that wrote `out` used (defaults for an out folder older than them),
-    so readers find its images the way its walk did (`follow_links`)."""
-    try:
-        table = json.loads((out / JOB_FILE).read_text(encoding="utf-8")).get("input") or {}
-        return InputSettings(follow_links=table.get("follow_links") is True,
-                             max_file_mb=float(table.get("max_file_mb", InputSettings.max_file_mb)),
-                             **_shard_settings(table))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return InputSettings()
-
-
-def _shard_settings(table: dict[str, Any]) -> dict[str, Any]:
-    """The `[input]` fields that say how WebDataset shards were read (format, image members, keys)."""
-    found = {"format": table.get("format"), "image_members": table.get("image_members"),
-             "shard_keys": table.get("shard_keys")}
-    return {name: value for name, value in found.items() if value is not None}
-
-
 def _outside(image_path: str) -> JobError:
     return JobError(f"image_path {image_path!r} is not a path inside the input folder; refusing to use it")
 
@@ -212,9 +194,10 @@ def _check_settings(settings: ExportSettings) -> None:
     if settings.columns is not None:
         if to not in DEFAULT_COLUMNS:
             raise JobError(f"--columns applies to --to hf, jsonl and csv, not {to}")
-        unknown = [c for c in settings.columns if c not in SCHEMA.names]
+        names = [*SCHEMA.names, *kept_columns(settings.out).names]  # kept columns come along anyway
+        unknown = [c for c in settings.columns if c not in names]
         if unknown:
-            raise JobError(f"--columns: no column {', '.join(unknown)}; the columns are {', '.join(SCHEMA.names)}")
+            raise JobError(f"--columns: no column {', '.join(unknown)}; the columns are {', '.join(names)}")
     if settings.copy_images and (to not in ("txt", "hf") or settings.dest is None or settings.input is None):
         raise JobError("--copy-images needs --to txt or hf, with --dest (where to copy) and --input (from where)")
     if to == "hf" and settings.dest is not None and not settings.copy_images:
@@ -232,8 +215,12 @@ def _check_settings(settings: ExportSettings) -> None:
     shards = settings.input is not None and is_webdataset(settings.input, run_input_settings(settings.out))
     if shards:
         _check_shard_export(settings)
-    elif settings.input is not None and not settings.input.is_dir():
-        raise JobError(f"--input {settings.input}: folder not found")
+    elif settings.input is not None and not input_exists(settings.input, run_input_settings(settings.out)):
+        raise JobError(f"--input {settings.input}: not found")
+    if to in ("txt", "hf") and settings.input is not None and settings.input.is_file() and \
+            (settings.dest is None or settings.copy_images):
+        raise JobError(f"--to {to} writes beside image files in a folder, and --input {settings.input} is a file "
+                       "(a table); export it --to parquet, jsonl or csv and join on the kept columns")
 
 
 def _check_shard_export(settings: ExportSettings) -> None:
@@ -367,6 +354,15 @@ def _extra_columns(settings: ExportSettings) -> list[str]:
     return [c for c in dict.fromkeys(chosen) if c not in ("image_path", "caption")]
 
 
+def kept_columns(out: Path) -> pa.Schema:
+    """The input columns the run kept ([input] keep_columns, as `_job.json` records them): every
+    export of rows carries them, so that it joins back to the input table."""
+    try:
+        return recorded_kept_schema(json.loads((out / JOB_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return pa.schema([])
+
+
 def _write_txt(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
     """One `<stem><caption_ext>` per image, beside it under --input or mirrored under --dest.
 
@@ -429,16 +425,17 @@ def _json_lines(settings: ExportSettings, latest: LatestRows, path_key: str, tex
     given keys, then the chosen columns, then the flat structured fields. The line is None when
     `path_of` gives None (a path the format cannot name)."""
     extra = _extra_columns(settings)
-    flat = field_columns(settings.out, [path_key, text_key, *extra])
-    for row in _iter_ok_rows(settings, latest, ["caption", "fields", *extra]):
+    kept = [c for c in kept_columns(settings.out).names if c not in (path_key, text_key, *extra)]
+    flat = field_columns(settings.out, [path_key, text_key, *extra, *kept])
+    for row in _iter_ok_rows(settings, latest, ["caption", "fields", *extra, *kept]):
         path = path_of(row["image_path"])
         if path is None:
             yield row["image_path"], None
             continue
         line = {path_key: path, text_key: row["caption"] or ""}
-        line.update((c, _json_value(row[c])) for c in extra)
+        line.update((c, _json_value(row[c])) for c in [*extra, *kept])
         line.update(_field_values(row, flat))
-        yield row["image_path"], json.dumps(line, ensure_ascii=False) + "\n"
+        yield row["image_path"], json.dumps(line, ensure_ascii=False, default=json_value) + "\n"
 
 
 def _write_hf(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
@@ -506,6 +503,7 @@ def _write_csv(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]
     so line breaks inside a caption survive as they are.
     """
     extra = _extra_columns(settings)
+    extra += [c for c in kept_columns(settings.out).names if c not in ("image_path", "caption", *extra)]
     flat = field_columns(settings.out, ["image_path", "caption", *extra])
     target = _single_target(settings)
     with open_atomic(target, settings.overwrite, newline="") as handle:
@@ -519,18 +517,20 @@ def _write_csv(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]
 
 
 def _write_parquet(settings: ExportSettings, latest: LatestRows) -> tuple[Path, int]:
-    """All parts compacted into one file, one row (the latest, ok) per image, schema `store.SCHEMA`."""
+    """All parts compacted into one file, one row (the latest, ok) per image, schema `store.SCHEMA`
+    and the kept input columns."""
     target = _single_target(settings)
+    schema = with_kept(kept_columns(settings.out))
     with open_atomic(target, settings.overwrite, binary=True) as handle:
-        with pq.ParquetWriter(handle, SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(handle, schema, compression="zstd") as writer:
             batch: list[dict[str, Any]] = []
-            for row in _iter_ok_rows(settings, latest, SCHEMA.names):
+            for row in _iter_ok_rows(settings, latest, schema.names):
                 batch.append(row)
                 if len(batch) >= PARQUET_BATCH_ROWS:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                     batch.clear()
             if batch:
-                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     return target, 1
 
 
@@ -558,4 +558,8 @@ def _csv_value(value: Any) -> Any:
         return "; ".join("" if v is None else str(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # a kept struct column: its JSON
+        return json.dumps(value, ensure_ascii=False, default=json_value)
+    if isinstance(value, (bytes, dt.date, dt.time, dt.timedelta)) and not isinstance(value, dt.datetime):
+        return json_value(value)  # kept binary as base64, dates and times as ISO 8601
     return "" if value is None else _json_value(value)

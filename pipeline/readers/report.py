@@ -26,6 +26,7 @@ from .. import cost
 from ..cost import load_prices
 from ..errors import JobError
 from ..sources import input_exists, open_source
+from .inputs import run_input_settings
 from ..store import JOB_FILE, HashSet, LatestRows, iter_rows, key_hash
 
 __all__ = ["Spend", "Throughput", "Leftover", "Report", "report", "format_report"]
@@ -304,8 +305,8 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
         hint = (" (a run is in progress or crashed; the next `caption run` turns its journal into a part)"
                 if journals else "")
         raise JobError(f"{out}: no Parquet parts to report on; is it an out folder written by `caption run`?{hint}")
-    if input_dir is not None and not input_exists(input_dir):
-        raise JobError(f"{input_dir}: input folder not found")
+    if input_dir is not None and not input_exists(input_dir, run_input_settings(out)):
+        raise JobError(f"{input_dir}: input not found")
     prices = load_prices(prices_file) if prices is None else prices
     tally = _Tally(LatestRows.read(out), check=_FormulaCheck.of_out(out))
     for batch in iter_rows(out, columns=COLUMNS):
@@ -325,7 +326,8 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
         failed_rows_with_tokens=sum(s.rows_with_tokens for _, s in failed),
         failed_tokens=sum(s.total for _, s in failed), failed_usd=_priced_sum(failed, prices),
         throughput=_throughput(tally.minutes),
-        leftover=None if input_dir is None else _leftover(input_dir, tally, ok_images, per_image, prices),
+        leftover=None if input_dir is None else _leftover(input_dir, Path(out), tally, ok_images, per_image,
+                                                                prices),
         pending_journals=journals,
         server_count_ratio=tally.check.ratios() if tally.check is not None else {},
     )
@@ -397,12 +399,13 @@ def _throughput(minutes: Counter) -> Throughput:
                       per_minute=series)
 
 
-def _leftover(input_dir: str | Path, tally: _Tally, ok_images: int, per_image: dict, prices: cost.PriceTable
-              ) -> Leftover:
-    """Walk the input folder; count images whose latest row is not ok; price them at the observed mean."""
+def _leftover(input_dir: str | Path, out: Path, tally: _Tally, ok_images: int, per_image: dict,
+              prices: cost.PriceTable) -> Leftover:
+    """Walk the input (read as the run that wrote `out` read it); count images whose latest row is
+    not ok; price them at the observed mean."""
     done = HashSet.of(tally.ok_keys)
     images = left = 0
-    for item in open_source(input_dir).items():
+    for item in open_source(input_dir, run_input_settings(out)).items():
         images += 1
         left += key_hash(item.key) not in done
     ok_groups = [(key, s) for key, s in tally.groups.items() if key[2] == "ok"]

@@ -44,9 +44,9 @@ from ..cost import load_prices
 from ..errors import BadImageError, JobError
 from ..images import encode_image
 from ..job import ImageSettings
-from ..sources import ImageSource, Item, input_exists, is_webdataset, open_source
+from ..sources import ImageSource, Item, input_exists, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
-from .export import run_input_settings
+from .inputs import run_input_settings
 from .review_page import GENERATOR, HEAD, TAIL
 
 __all__ = ["ReviewSummary", "Projection", "Variant", "write_review", "write_comparison", "DEFAULT_HTML",
@@ -140,15 +140,10 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
 
 
 def _check_input(input_dir: Path | None, out: Path) -> None:
-    """JobError unless `input_dir` is None, a folder, or WebDataset shards that exist (as the run read them)."""
-    if input_dir is None:
-        return
-    settings = run_input_settings(out)
-    if is_webdataset(input_dir, settings):
-        if not input_exists(input_dir, settings):
-            raise JobError(f"--input {input_dir}: no such shard")
-    elif not input_dir.is_dir():
-        raise JobError(f"--input {input_dir}: folder not found")
+    """JobError unless `input_dir` is None or names something to read (as the run read it: a folder, a
+    table, a dataset, shards)."""
+    if input_dir is not None and not input_exists(input_dir, run_input_settings(out)):
+        raise JobError(f"--input {input_dir}: not found")
 
 
 def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = None, html_path: Path | None = None,

@@ -26,10 +26,12 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import pyarrow as pa
 
 from ..job import IMAGE_FORMATS, InputSettings
 
@@ -68,6 +70,7 @@ class FileItem:
     path: Path  # where to read it (absolute or relative to the working directory)
     key: str  # path relative to the input root, POSIX form, escaped (`escape_key`): the resume key
     max_bytes: int | None = None  # a larger file is refused unread; None: no limit
+    kept: Mapping[str, Any] = field(default_factory=dict)  # keep_columns values (a folder has none; a table may)
 
     def read(self) -> bytes:
         """The file's bytes, at most `max_bytes`; OSError for a file that is not regular or is larger."""
@@ -181,6 +184,10 @@ class FolderSource:
         if not self.settings.follow_links and not _inside(os.path.realpath(path), os.path.realpath(self.root)):
             return None
         return FileItem(path, key, self.max_bytes)
+
+    def kept_schema(self) -> pa.Schema:
+        """Empty: a folder has no columns to keep (`open_source` refuses keep_columns for one)."""
+        return pa.schema([])
 
 
 # --- keys ------------------------------------------------------------------------------------

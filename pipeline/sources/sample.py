@@ -23,6 +23,8 @@ import heapq
 import itertools
 from collections.abc import Iterator
 
+import pyarrow as pa
+
 from .base import ImageSource, Item
 
 __all__ = ["SampledSource", "LimitedSource", "sample_rank", "NOT_SAMPLED"]
@@ -83,6 +85,9 @@ class SampledSource:
         """The inner source's item for this key, sampled or not (readers find any image of INPUT)."""
         return self.inner.open_by_key(key)
 
+    def kept_schema(self) -> pa.Schema:
+        return self.inner.kept_schema()
+
 
 class LimitedSource:
     """The first `n` items of `inner`, in walk order (the walk stops there)."""
@@ -108,3 +113,6 @@ class LimitedSource:
 
     def open_by_key(self, key: str) -> Item | None:
         return self.inner.open_by_key(key)
+
+    def kept_schema(self) -> pa.Schema:
+        return self.inner.kept_schema()

@@ -14,9 +14,9 @@ from .files import open_atomic, write_atomic
 from .index import HashSet, LatestRows, iter_latest_rows, iter_rows, key_hash, resume_index
 from .layout import BATCH_DIR, JOB_FILE, OPEN_CHUNK_STATES, check_out_folder, open_batch_chunks
 from .lock import OutFolderLock
-from .schema import SCHEMA
-from .sink import Sink, Store
+from .schema import SCHEMA, json_value, with_kept
+from .sink import Sink, Store, recorded_kept_schema
 
 __all__ = ["SCHEMA", "Sink", "Store", "HashSet", "LatestRows", "OutFolderLock", "key_hash", "iter_rows",
            "iter_latest_rows", "resume_index", "write_atomic", "open_atomic", "check_out_folder", "open_batch_chunks", "BATCH_DIR",
-           "JOB_FILE", "OPEN_CHUNK_STATES"]
+           "JOB_FILE", "OPEN_CHUNK_STATES", "json_value", "with_kept", "recorded_kept_schema"]

@@ -1,15 +1,22 @@
 """store/schema.py: the one Parquet schema of an out folder, and the journal line format of a row.
 
 `Result` (records.py) maps onto `SCHEMA` field by field; a test pins the schema literally. Pure.
+
+A job's `[input] keep_columns` add columns after SCHEMA's, with the input's Arrow types
+(`with_kept`). In a journal line their values sit under one key, `"kept"`, as JSON (`json_value`
+writes what JSON has no type for: bytes as base64, dates and times as ISO 8601, decimals as text);
+`kept_values` turns them back into values of their Arrow types when the line becomes a row.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +24,8 @@ import pyarrow as pa
 
 from ..records import Result
 
-__all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "JournalLine", "result_line", "journal_lines", "read_journal"]
+__all__ = ["SCHEMA", "INT_BOUNDS", "TEXT_COLUMNS", "KEPT", "JournalLine", "result_line", "journal_lines",
+           "read_journal", "with_kept", "json_value", "kept_values"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,9 @@ SCHEMA = pa.schema(
 )
 """One row per image attempt that ended. Change it here and in tests/conftest.py (EXPECTED_SCHEMA), deliberately."""
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Result))
+KEPT = "kept"
+"""The `Result` field, and the journal key, holding a row's keep_columns values (not a column itself)."""
+_FIELDS = tuple(f.name for f in dataclasses.fields(Result) if f.name != KEPT)
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     f.name: (-(2 ** (f.type.bit_width - 1)), 2 ** (f.type.bit_width - 1) - 1)
     for f in SCHEMA if pa.types.is_signed_integer(f.type)
@@ -73,7 +83,63 @@ def result_line(result: Result) -> str:
     """One row as a journal line (JSON, `created_at` in Unix milliseconds), newline included."""
     row = {name: getattr(result, name) for name in _FIELDS}
     row["created_at"] = int(result.created_at.timestamp() * 1000)
-    return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+    if result.kept:
+        row[KEPT] = dict(result.kept)
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=json_value) + "\n"
+
+
+# --- kept columns ----------------------------------------------------------------------------
+
+
+def with_kept(kept: pa.Schema) -> pa.Schema:
+    """SCHEMA followed by the kept columns: the schema of an out folder whose job keeps `kept`."""
+    return pa.schema([*SCHEMA, *kept]) if len(kept) else SCHEMA
+
+
+def json_value(value: object) -> object:
+    """`json.dumps`'s `default`: a kept value JSON has no type for, as JSON (`kept_values` reverses it)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (dt.date, dt.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value // dt.timedelta(microseconds=1)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"a kept value of type {type(value).__name__} cannot be journalled")
+
+
+def kept_values(kept: Mapping[str, object] | None, schema: pa.Schema) -> dict[str, object]:
+    """A journal line's kept values as values of the kept columns' types (absent ones None).
+
+    Raises ValueError (or TypeError) for a value its type cannot take back.
+    """
+    kept = kept or {}
+    return {f.name: _from_json(kept.get(f.name), f.type) for f in schema}
+
+
+def _from_json(value: object, kind: pa.DataType) -> object:
+    if value is None:
+        return None
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        return base64.b64decode(value, validate=True) if isinstance(value, str) else value
+    if pa.types.is_timestamp(kind) and isinstance(value, str):
+        return dt.datetime.fromisoformat(value)
+    if pa.types.is_date(kind) and isinstance(value, str):
+        return dt.date.fromisoformat(value)
+    if pa.types.is_time(kind) and isinstance(value, str):
+        return dt.time.fromisoformat(value)
+    if pa.types.is_duration(kind) and isinstance(value, int):
+        return dt.timedelta(microseconds=value)
+    if pa.types.is_decimal(kind) and isinstance(value, str):
+        return decimal.Decimal(value)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return [_from_json(v, kind.value_type) for v in value]
+    if pa.types.is_map(kind):
+        return [(_from_json(k, kind.key_type), _from_json(v, kind.item_type)) for k, v in value]
+    if pa.types.is_struct(kind):
+        return {f.name: _from_json(value.get(f.name), f.type) for f in kind}
+    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

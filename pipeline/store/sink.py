@@ -8,11 +8,16 @@ the line being written, and never writes a row twice. A line that cannot become 
 value no column holds) never stops the others: it is moved to `_quarantine-NNNNN.jsonl` and logged,
 so a folder is never wedged. Every row is checked before it is journalled: the run's secrets are
 redacted from its text, and an integer its column cannot hold becomes null. No network, no images.
+
+A job's `[input] keep_columns` become columns after SCHEMA's, with the input's types. Every part of
+a folder has the same schema: `_job.json` records the kept columns, and a job that keeps other
+columns (or the same with other types) is refused on open, never mixed in.
 """
 
 from __future__ import annotations
 
 import array
+import base64
 import dataclasses
 import itertools
 import json
@@ -32,9 +37,10 @@ from .files import fsync_path, write_atomic
 from .index import HashSet, iter_rows, original_dhashes, resume_index
 from .layout import JOB_FILE, journal_number, journal_path, journals, part_path, parts, quarantine_path, unreadable_part
 from .lock import OutFolderLock
-from .schema import INT_BOUNDS, SCHEMA, TEXT_COLUMNS, JournalLine, journal_lines, read_journal, result_line
+from .schema import (INT_BOUNDS, KEPT, SCHEMA, TEXT_COLUMNS, JournalLine, journal_lines, kept_values, read_journal,
+                     result_line, with_kept)
 
-__all__ = ["Sink", "Store", "checked_row"]
+__all__ = ["Sink", "Store", "checked_row", "recorded_kept_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +82,12 @@ class Store:
     `convert` of a rotated segment may run in a worker thread.
     """
 
-    def __init__(self, out: str | Path, fingerprint: str, *, part_rows: int, part_seconds: float):
+    def __init__(self, out: str | Path, fingerprint: str, *, part_rows: int, part_seconds: float,
+                 kept_schema: pa.Schema | None = None):
         self.out = Path(out)
         self.fingerprint = fingerprint
+        self.kept_schema = kept_schema if kept_schema is not None else pa.schema([])
+        self.schema = with_kept(self.kept_schema)  # SCHEMA, then the job's kept columns
         self._part_rows = part_rows
         self._part_seconds = part_seconds
         self._file = None
@@ -89,11 +98,16 @@ class Store:
 
     @classmethod
     def open(cls, out: str | Path, job_summary: dict[str, Any], *, part_rows: int, part_seconds: float,
-             allow_other_job: bool = False) -> "Store":
+             allow_other_job: bool = False, kept_schema: pa.Schema | None = None) -> "Store":
         """Open (or create) `out` for the job; recover what a crash left; refuse another job's folder.
 
-        Raises JobError when `out` belongs to another job fingerprint and `allow_other_job` is false.
+        `kept_schema`: the source's kept columns (`ImageSource.kept_schema`); None when no source is
+        at hand (`caption batch collect`): the ones `out` records. Raises JobError when `out` belongs
+        to another job fingerprint and `allow_other_job` is false, when it records other kept
+        columns, or when a kept column is named like one of SCHEMA's.
         """
+        if kept_schema is not None:
+            _refuse_clashes(kept_schema)
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise JobError(f"{out}: --out names a file; give a folder (new or from an earlier run)")
@@ -104,8 +118,8 @@ class Store:
         lock = OutFolderLock(out)
         try:
             fingerprint = job_summary["fingerprint"]
-            _check_job_file(out, job_summary, allow_other_job)
-            store = cls(out, fingerprint, part_rows=part_rows, part_seconds=part_seconds)
+            kept_schema = _check_job_file(out, job_summary, allow_other_job, kept_schema)
+            store = cls(out, fingerprint, part_rows=part_rows, part_seconds=part_seconds, kept_schema=kept_schema)
             store._lock = lock
             store.recover()
         except BaseException:
@@ -126,7 +140,7 @@ class Store:
             stale.unlink()
         numbers = {number for number, _ in parts(self.out)}
         for number in sorted(numbers):
-            _upgrade_part(self.out, number)
+            _upgrade_part(self.out, number, self.schema)
         for number, path in sorted(journals(self.out)):
             if number in numbers:
                 path.unlink()  # converted before the crash, not yet deleted
@@ -196,9 +210,9 @@ class Store:
         try:
             # A row group per CONVERT_BATCH rows: memory stays flat whatever part_rows is.
             while batch := list(itertools.islice(lines, CONVERT_BATCH)):
-                table = _table(batch, quarantine, journal.name)
+                table = _table(batch, quarantine, journal.name, self.schema, self.kept_schema)
                 if table.num_rows:
-                    writer = writer or pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+                    writer = writer or pq.ParquetWriter(tmp, self.schema, compression="zstd")
                     writer.write_table(table)
         finally:
             if writer is not None:
@@ -318,33 +332,47 @@ class _Quarantine:
                     journal_name, self.lines, self.path.name)
 
 
-def _table(lines: list[JournalLine], quarantine: _Quarantine, journal_name: str) -> pa.Table:
-    """The rows of `lines` as a table of SCHEMA; lines that are not rows, or that no column can
-    hold, go to `quarantine` (a torn last line is dropped)."""
+def _table(lines: list[JournalLine], quarantine: _Quarantine, journal_name: str, schema: pa.Schema,
+           kept_schema: pa.Schema) -> pa.Table:
+    """The rows of `lines` as a table of `schema` (SCHEMA and the kept columns); lines that are not
+    rows, or that no column can hold, go to `quarantine` (a torn last line is dropped)."""
     rows = []
     for line in lines:
-        if line.row is not None:
+        if line.row is not None and _unpack_kept(line.row, kept_schema):
             rows.append(line)
         elif line.torn:
             log.warning("%s: line %d is torn (a crash mid-write); dropped", journal_name, line.number)
         else:
             quarantine.keep(line.raw)
     try:
-        return pa.Table.from_pylist([line.row for line in rows], schema=SCHEMA)
+        return pa.Table.from_pylist([line.row for line in rows], schema=schema)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         pass  # at least one row does not fit: find which, one at a time
-    kept = []
+    fitting = []
     for line in rows:
         try:
-            pa.Table.from_pylist([line.row], schema=SCHEMA)
+            pa.Table.from_pylist([line.row], schema=schema)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             quarantine.keep(line.raw)
             continue
-        kept.append(line.row)
-    return pa.Table.from_pylist(kept, schema=SCHEMA)
+        fitting.append(line.row)
+    return pa.Table.from_pylist(fitting, schema=schema)
 
 
-def _upgrade_part(out: Path, number: int) -> None:
+def _unpack_kept(row: dict[str, Any], kept_schema: pa.Schema) -> bool:
+    """Put a journal row's kept values (under KEPT) in its columns, as their types; False when one
+    cannot be (the line is then quarantined, as a value no column holds)."""
+    kept = row.pop(KEPT, None)
+    if not len(kept_schema):
+        return True
+    try:
+        row.update(kept_values(kept if isinstance(kept, dict) else None, kept_schema))
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _upgrade_part(out: Path, number: int, schema: pa.Schema) -> None:
     """Rewrite a part whose schema is not SCHEMA (columns added since), atomically.
 
     Dataset readers take the schema of one part for all, so a folder mixing old and new parts
@@ -352,31 +380,43 @@ def _upgrade_part(out: Path, number: int) -> None:
     """
     part = part_path(out, number)
     try:
-        if pq.read_schema(part).equals(SCHEMA):
+        if pq.read_schema(part).equals(schema):
             return
     except (pa.ArrowException, OSError) as err:
         raise unreadable_part(part, err) from None
     table = pq.read_table(part)
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
-               else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+               else pa.nulls(table.num_rows, f.type) for f in schema]
     tmp = out / f"_part-{number:05d}.tmp"
-    pq.write_table(pa.Table.from_arrays(columns, schema=SCHEMA), tmp, compression="zstd")
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), tmp, compression="zstd")
     fsync_path(tmp)
     os.replace(tmp, part)
     fsync_path(out)
     log.info("%s: brought up to the current schema", part.name)
 
 
-def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -> None:
+def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool,
+                    kept_schema: pa.Schema | None) -> pa.Schema:
+    """Refuse another job's folder (unless allowed) or other kept columns; record the job; return
+    the folder's kept columns."""
     path = out / JOB_FILE
+    summary = {**summary, **_kept_record(kept_schema if kept_schema is not None else pa.schema([]))}
     if path.exists():
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             earlier = {}
+        recorded = recorded_kept_schema(earlier)
+        if kept_schema is None:
+            kept_schema = recorded
+            summary.update(_kept_record(recorded))
+        elif not kept_schema.equals(recorded):
+            raise JobError(f"{out}: its rows carry the kept columns {_describe_kept(recorded)}; this job keeps "
+                           f"{_describe_kept(kept_schema)} (each part must have one schema). Use a new --out "
+                           "folder, or the [input] keep_columns (and input) the folder was written with")
         fingerprints = earlier.get("fingerprints") or [earlier.get("fingerprint")]
         if summary["fingerprint"] == fingerprints[-1]:
-            return
+            return kept_schema
         if not allow_other_job:
             raise JobError(
                 f"{out}: holds results of another job (fingerprint {fingerprints[-1]}, model "
@@ -387,3 +427,37 @@ def _check_job_file(out: Path, summary: dict[str, Any], allow_other_job: bool) -
     else:
         summary = {**summary, "fingerprints": [summary["fingerprint"]]}
     write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+    return kept_schema if kept_schema is not None else pa.schema([])
+
+
+def _kept_record(kept_schema: pa.Schema) -> dict[str, Any]:
+    """What `_job.json` says of the kept columns: names and types to read, and the Arrow schema
+    itself (IPC-serialized, base64) to compare and rebuild exactly."""
+    return {"kept_columns": [{"name": f.name, "type": str(f.type)} for f in kept_schema],
+            "kept_schema": base64.b64encode(kept_schema.serialize().to_pybytes()).decode("ascii")}
+
+
+def recorded_kept_schema(job_file: dict[str, Any]) -> pa.Schema:
+    """The kept columns an out folder's `_job.json` records (none for a folder older than them)."""
+    encoded = job_file.get("kept_schema")
+    if not encoded:
+        return pa.schema([])
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded)))
+    except (ValueError, pa.ArrowException) as err:
+        raise JobError(f"{JOB_FILE}: kept_schema is not readable ({err}); was the file edited?") from None
+
+
+def _describe_kept(kept_schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name} ({f.type})" for f in kept_schema) or "(none)"
+
+
+def _refuse_clashes(kept_schema: pa.Schema) -> None:
+    """JobError for a kept column named like one of the out folder's own columns, or named twice."""
+    clashes = [name for name in kept_schema.names if name in SCHEMA.names]
+    if clashes:
+        raise JobError(f"[input] keep_columns: {', '.join(clashes)} is also a column caption writes; rename it in "
+                       "the input (or leave it out of keep_columns) so that both fit in one row")
+    twice = sorted({name for name in kept_schema.names if kept_schema.names.count(name) > 1})
+    if twice:
+        raise JobError(f"[input] keep_columns names {', '.join(twice)} twice; name each column once")

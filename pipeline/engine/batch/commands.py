@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 
 from ... import job as jobmod
 from ...errors import BadImageError, FatalError, JobError
@@ -26,8 +27,8 @@ from ...job import LOCAL_BASE_URL, Job
 from ...providers import BatchBackend, make_batch_backend, make_provider
 from ...records import BatchSummary
 from ...sources import open_source
-from ...store import BATCH_DIR, HashSet, OutFolderLock, Store, iter_rows, key_hash
-from ..caption import Captioner, image_facts
+from ...store import BATCH_DIR, HashSet, OutFolderLock, Store, iter_rows, key_hash, write_atomic
+from ..caption import Captioner, item_facts
 from ..local import bundled_endpoint
 from ..retry import RetryPolicy
 from .context import BatchRun
@@ -35,6 +36,9 @@ from .driver import BatchDriver
 from .lines import read_line, result_lines
 from .state import RUN_FILE, BatchState, ChunkWriter, IndexEntry, read_index
 from .submit import encoded_items
+
+PREPARED_KEPT_FILE = "_kept_schema.arrow"
+"""Beside prepared request files: the Arrow schema of the job's keep_columns, when it keeps any."""
 
 __all__ = ["ChunkView", "PrepareSummary", "run_batch", "batch_status", "cancel_batches", "prepare_requests",
            "ingest_outputs", "load_run_job", "run_input"]
@@ -72,9 +76,21 @@ def _open(job: Job, session: aiohttp.ClientSession | None, base_url: str, api_ke
     return Captioner(job, provider, mode="batch"), backend
 
 
-def _open_store(job: Job, out: Path, allow_job_change: bool) -> Store:
+def _prepared_kept(prepared: Path | None) -> pa.Schema | None:
+    """The kept columns `prepare_requests` recorded in `prepared`; None (the out folder's) without them."""
+    path = Path(prepared) / PREPARED_KEPT_FILE if prepared is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(path.read_bytes()))
+    except (pa.ArrowException, OSError) as err:
+        raise JobError(f"{path}: not a readable Arrow schema ({err}); prepare the requests again") from None
+
+
+def _open_store(job: Job, out: Path, allow_job_change: bool, kept_schema: pa.Schema | None = None) -> Store:
+    """`out` opened for the job; `kept_schema` None: the kept columns the folder records (no source at hand)."""
     return Store.open(out, jobmod.job_summary(job), part_rows=job.output.part_rows,
-                      part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+                      part_seconds=job.output.part_seconds, allow_other_job=allow_job_change, kept_schema=kept_schema)
 
 
 async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *, api_key: str | None,
@@ -92,7 +108,8 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
     if job.endpoint.base_url == LOCAL_BASE_URL and detach:
         raise JobError(f"{job.source}: --detach needs an endpoint that outlives this process; "
                        "start `caption serve` and pass --base-url http://127.0.0.1:8000/v1")
-    store = _open_store(job, out, allow_job_change)
+    source = open_source(input_path, job.input) if input_path is not None else None
+    store = _open_store(job, out, allow_job_change, source.kept_schema() if source is not None else None)
     store.keep_out(api_key, *headers.values())
     summary = BatchSummary(out=out, detached=detach)
     started = time.monotonic()
@@ -103,7 +120,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
             captioner, backend = _open(job, session, base_url, api_key, headers)
             captioner.provider.adopt(state.learned())
             run = BatchRun(captioner=captioner, backend=backend, store=store, state=state,
-                           source=open_source(input_path, job.input) if input_path is not None else None,
+                           source=source,
                            summary=summary, policy=RetryPolicy.of(job.limits))
             run.open_bar(progress)
             try:
@@ -211,7 +228,10 @@ def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> Prep
     dest.mkdir(parents=True, exist_ok=True)
     summary = PrepareSummary()
     captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
-    items = ((item, 1) for item in open_source(input_path, job.input).items())
+    source = open_source(input_path, job.input)
+    if len(kept := source.kept_schema()):  # for `ingest --prepared`: the types of the kept values in the index files
+        write_atomic(dest / PREPARED_KEPT_FILE, kept.serialize().to_pybytes())
+    items = ((item, 1) for item in source.items())
     writer = None
     with concurrent.futures.ThreadPoolExecutor(job.limits.preprocess_workers or os.cpu_count() or 1) as pool:
         for item, _, encoded in encoded_items(captioner.prepare, items, pool):
@@ -225,7 +245,7 @@ def prepare_requests(job: Job, input_path: str | Path, dest: str | Path) -> Prep
             if writer is None:
                 writer = ChunkWriter(dest, f"requests-{len(summary.files) + 1:05d}", job.batch)
                 summary.files.append(dest / f"{writer.name}.jsonl")
-            writer.add(line, IndexEntry(item.key, item.key, 1, image_facts(encoded)))
+            writer.add(line, IndexEntry(item.key, item.key, 1, item_facts(item, encoded)))
             summary.requests += 1
     if writer is not None:
         writer.close()
@@ -254,7 +274,7 @@ def ingest_outputs(job: Job, out: str | Path, files: list[Path], *, prepared: Pa
     for path in sorted(Path(prepared).glob("*.index.jsonl")) if prepared else []:
         index.update((e.custom_id, e) for e in read_index(path))
     captioner, backend = _open(job, None, job.endpoint.base_url, None, {})
-    store = _open_store(job, out, allow_job_change)
+    store = _open_store(job, out, allow_job_change, _prepared_kept(prepared))
     summary, done = BatchSummary(out=out), store.done_keys()
     if prepared is not None:
         lookup = index.get

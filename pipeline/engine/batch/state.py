@@ -26,7 +26,7 @@ from typing import Any
 
 from ...errors import JobError
 from ...job import Batch, Job, job_summary
-from ...store import BATCH_DIR, OPEN_CHUNK_STATES, key_hash, write_atomic
+from ...store import BATCH_DIR, OPEN_CHUNK_STATES, json_value, key_hash, write_atomic
 
 __all__ = ["BatchState", "ChunkRecord", "ChunkWriter", "IndexEntry", "read_index", "crash_point", "CRASH_ENV",
            "RUN_FILE"]
@@ -60,7 +60,7 @@ class IndexEntry:
     custom_id: str
     key: str
     attempts: int
-    image: dict[str, Any]  # the image facts of the row (sha256, sizes)
+    image: dict[str, Any]  # the row's facts of the item (`item_facts`: sha256, sizes, kept values)
 
 
 class BatchState:
@@ -211,7 +211,7 @@ class ChunkWriter:
 
     def add(self, line: bytes, entry: IndexEntry) -> None:
         self._requests.write(line)
-        self._index.write(json.dumps(dataclasses.asdict(entry), ensure_ascii=False) + "\n")
+        self._index.write(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, default=json_value) + "\n")
         self.lines += 1
         self.bytes += len(line)
 

@@ -30,7 +30,7 @@ from ...providers import BatchInfo
 from ...records import Encoded
 from ...sources import Item
 from ...store import key_hash
-from ..caption import image_facts
+from ..caption import item_facts
 from .context import BatchRun
 from .state import ChunkRecord, ChunkWriter, IndexEntry, crash_point
 
@@ -157,7 +157,7 @@ class Submitter:
         """Put one image's request line in the open chunk (a full chunk is submitted first)."""
         run = self.run
         if isinstance(encoded, BadImageError):
-            run.record_row(run.captioner.error_row(item.key, {}, encoded, attempts=0))
+            run.record_row(run.captioner.error_row(item.key, item_facts(item), encoded, attempts=0))
             run.state.ledger[key_hash(item.key)] = 0
             return writer
         if await self._copied(item, encoded):
@@ -170,7 +170,7 @@ class Submitter:
         if writer is None:
             writer = ChunkWriter(run.state.folder, run.state.next_name(), run.captioner.job.batch)
             run.state.records[writer.name] = ChunkRecord(writer.name, 0, 0, "writing")
-        writer.add(line, IndexEntry(custom_id, item.key, attempt, image_facts(encoded)))
+        writer.add(line, IndexEntry(custom_id, item.key, attempt, item_facts(item, encoded)))
         run.state.ledger[key_hash(item.key)] = -1
         self._live_shas.add(key_hash(encoded.sha256))
         if writer.lines == 2:
@@ -183,7 +183,7 @@ class Submitter:
         run = self.run
         original = await run.dedupe.original_of(encoded.sha256)
         if original is not None:
-            run.record_row(run.captioner.dedup_row(item.key, image_facts(encoded), original))
+            run.record_row(run.captioner.dedup_row(item.key, item_facts(item, encoded), original))
             return True
         if key_hash(encoded.sha256) in self._live_shas:
             log.debug("%s: the same bytes are in a live chunk; copied once that chunk is collected", item.key)
