@@ -281,15 +281,25 @@ SECTIONS = _SECTIONS
 
 _PREFIXED = ("batch", "structured", "dedupe")
 
-OVERRIDABLE: dict[str, str] = {
-    (f"{section}_{f.name}" if section in _PREFIXED else f.name): f"{section}.{f.name}"
-    for section, cls in _SECTIONS.items()
-    for f in dataclasses.fields(cls)
-    if not str(f.type).startswith(("dict", "tuple"))  # tables and lists (headers, schema) live in the job file only
-}
+def _flag_names() -> dict[str, str]:
+    names: dict[str, str] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if str(f.type).startswith(("dict", "tuple")):  # tables and lists (headers, schema) live in the job file only
+                continue
+            name = f"{section}_{f.name}" if section in _PREFIXED else f.name
+            if name in names:  # a name an earlier section took ([image] format before [input] format)
+                name = f"{section}_{f.name}"
+            assert name not in names, name
+            names[name] = f"{section}.{f.name}"
+    return names
+
+
+OVERRIDABLE: dict[str, str] = _flag_names()
 """Flag name (underscores) → dotted job field. `caption run --max-side 512` sets image.max_side;
 the [batch], [structured] and [dedupe] fields take their section as a prefix (`--batch-poll-s 5`,
-`--structured-format json_object`, `--dedupe-near`)."""
+`--structured-format json_object`, `--dedupe-near`), and so does a field whose name an earlier
+section already took (`--format webp` is [image] format, `--input-format table` is [input] format)."""
 OVERRIDABLE["engine"] = OVERRIDABLE.pop("name")  # `--engine ray` sets [engine] name (a bare `--name` says nothing)
 
 

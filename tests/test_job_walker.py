@@ -105,3 +105,18 @@ def test_walker_streams_without_listing_the_whole_tree(tmp_path):
     assert first.key == "d00/img.jpg"
     (tmp_path / "d49" / "late.jpg").write_bytes(b"x")  # added after the walk began: still found
     assert "d49/late.jpg" in [s.key for s in walk]
+
+
+def test_every_field_has_its_own_flag_and_a_shared_name_takes_its_section():
+    """`--format` is [image] format (as it was before [input] had one); `--input-format` is [input] format."""
+    import argparse
+
+    from pipeline.cli.common import add_overrides, job_overrides
+    from pipeline.job import OVERRIDABLE
+
+    assert OVERRIDABLE["format"] == "image.format" and OVERRIDABLE["input_format"] == "input.format"
+    assert len(set(OVERRIDABLE.values())) == len(OVERRIDABLE)
+    parser = argparse.ArgumentParser()
+    add_overrides(parser)
+    overrides = job_overrides(parser.parse_args(["--format", "webp", "--input-format", "table"]))
+    assert overrides == {"image.format": "webp", "input.format": "table"}
