@@ -23,6 +23,7 @@ __all__ = [
     "QuotaError",
     "ModelNotFoundError",
     "BadImageError",
+    "FetchError",
     "InternalError",
     "JobError",
 ]
@@ -134,6 +135,15 @@ class BadImageError(CaptionError):
     """The file cannot become an image we can send; no request is made."""
 
     kind = "bad_image"
+
+
+class FetchError(BadImageError):
+    """A remote image (an http(s) URL in a table) could not be downloaded within the job's limits.
+
+    A kind of bad image (no request is made, every stage that handles one handles this), with its own
+    `error_kind` so a user can tell a dead link from a broken file; the next run tries it again."""
+
+    kind = "fetch"
 
 
 class InternalError(CaptionError):

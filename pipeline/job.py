@@ -462,6 +462,9 @@ def _check_ranges(job: Job) -> None:
         value = getattr(getattr(job, section), name)
         if value is not None and not low <= value <= high:
             raise JobError(f"{job.source}: [{section}] {name} = {value} is out of range ({low} to {high})")
+    if job.input.send == "url" and job.endpoint.api == "gemini":
+        raise JobError(f"{job.source}: [input] send = \"url\" is for api = \"openai\" or \"anthropic\" (Gemini takes "
+                       "images inline here); use send = \"bytes\"")
     if job.input.sample is not None and job.input.limit is not None:
         raise JobError(f"{job.source}: [input] sample and limit pick the images two ways; give one of them")
     if not job.endpoint.model.strip():

@@ -30,6 +30,7 @@ class Encoded:
     mime: str  # "image/jpeg" | "image/webp" | "image/png"
     data: bytes  # the encoded image we send
     dhash: int | None = None  # difference hash of the sent pixels, as a signed int64; only for near dedupe
+    url: str | None = None  # [input] send = "url": the provider fetches this; nothing was read (`data` is empty)
 
     @property
     def sent_bytes(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ Send = Callable[[HttpRequest, int], Awaitable[ChatResult]]
 
 def image_facts(encoded: Encoded | None) -> dict[str, Any]:
     """The row fields that describe the image itself (empty when it never became one)."""
-    if encoded is None:
+    if encoded is None or encoded.url is not None:  # nothing was read of an image sent as its URL
         return {}
     return {"image_sha256": encoded.sha256, "file_bytes": encoded.file_bytes, "width": encoded.width,
             "height": encoded.height, "sent_width": encoded.sent_width, "sent_height": encoded.sent_height,
@@ -71,10 +72,16 @@ class Captioner:
         The header is read first (`images.probe_size`), so a file that is not an image is refused
         before it is read whole; the read itself is bounded by the source's size limit.
         """
+        if getattr(item, "send_url", False):
+            return self._by_url(item)
         try:
-            with item.open() as handle:
-                width, height = images.probe_size(handle)
-            data = item.read()
+            if getattr(item, "read_once", False):  # a download: read it once, probe the bytes
+                data = item.read()
+                width, height = images.probe_size(io.BytesIO(data))
+            else:
+                with item.open() as handle:
+                    width, height = images.probe_size(handle)
+                data = item.read()
         except OSError as err:
             raise BadImageError(f"cannot read file: {err.strerror or err}") from None
         settings = self.provider.image_settings(self._sized(width, height))  # within the protocol's per-image limits
@@ -84,6 +91,13 @@ class Captioner:
             if smaller == settings:
                 return encoded
             settings = smaller
+
+    def _by_url(self, item: Item) -> Encoded:
+        """An image sent as its URL ([input] send = "url"): nothing is read; its size is not known, so
+        it counts as the largest image the job sends (`max_side` square) against a token budget."""
+        side = self._sized(self.job.image.max_side, self.job.image.max_side).max_side
+        return Encoded(sha256="", file_bytes=0, width=0, height=0, sent_width=side, sent_height=side, mime="",
+                       data=b"", url=getattr(item, "url"))
 
     def _sized(self, width: int, height: int) -> ImageSettings:
         """The job's image settings for a `width` × `height` image: `max_side` capped at what the

@@ -126,6 +126,8 @@ class Deduper:
                            dhash: int | None = None) -> Result:
         """`caption()` unless a file with these bytes (or, with near dedupe, a picture whose `dhash` is
         near) was or is being sent: then `copy(its row, distance)`, distance None for identical bytes."""
+        if not sha256:  # an image sent as its URL: no bytes were read, so none to compare
+            return await caption()
         sha = key_hash(sha256)
         while (original := await self._sent_copy(sha, sha256)) is None and sha in self._sending:
             pass  # the copy we waited for failed, and another waiter has taken its place: wait for that one

@@ -58,6 +58,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from . import remote_image
 from .core import Core, Observed
 from .limits import CONTENT_FAULTS, NGINX_502, go_silent
 from .pixels import image_facts, make_thumb, value_for
@@ -185,8 +186,10 @@ def _text_tokens(chars: int) -> int:
 
 def _image(block: dict[str, Any], where: str) -> tuple[str, tuple[int, int], Any]:
     source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "url":
+        return _url_image(source.get("url"), where)
     if not isinstance(source, dict) or source.get("type") != "base64":
-        raise _invalid(f"{where}.source: only base64 sources are accepted here")
+        raise _invalid(f"{where}.source: only base64 and url sources are accepted here")
     mime, data = source.get("media_type"), source.get("data")
     if mime not in MEDIA_TYPES:
         raise _invalid(f"{where}.source.media_type: Input should be {', '.join(MEDIA_TYPES)}")
@@ -210,6 +213,28 @@ def _image(block: dict[str, Any], where: str) -> tuple[str, tuple[int, int], Any
         raise _invalid(f"{where}.source.base64: invalid base64 data") from None
     except Exception as err:  # Pillow raises many types for a broken image; all mean "not an image"
         raise _invalid(f"{where}.source.base64: Could not process image ({type(err).__name__})") from None
+
+
+def _url_image(url: Any, where: str) -> tuple[str, tuple[int, int], Any]:
+    """A `{"type": "url", "url": ...}` source (Vision docs, "URL-based image source"), fetched here."""
+    if not isinstance(url, str) or not remote_image.is_remote(url):
+        raise _invalid(f"{where}.source.url: Input should be a valid http(s) URL")
+    try:
+        raw = remote_image.fetch_image(url)
+        with Image.open(io.BytesIO(raw)) as img:
+            mime = next((m for m, formats in MEDIA_TYPES.items() if img.format in formats), None)
+            if mime is None:
+                raise _invalid(f"{where}.source.url: Unsupported image format {img.format}")
+            if max(img.size) > MAX_SIDE_PX:
+                raise _invalid(f"{where}.source.url: At least one of the image dimensions exceed max allowed size: "
+                               f"{MAX_SIDE_PX} pixels")
+            return mime, img.size, make_thumb(img)
+    except ParamsError:
+        raise
+    except remote_image.FetchRefused as err:
+        raise _invalid(f"{where}.source.url: Unable to download the file ({err})") from None
+    except Exception as err:  # Pillow raises many types for a broken image; all mean "not an image"
+        raise _invalid(f"{where}.source.url: Could not process image ({type(err).__name__})") from None
 
 
 def _check_options(params: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import remote_image
 from .pixels import make_thumb
 from .wire import RequestError, invalid
 
@@ -71,10 +72,11 @@ class Fields:
 class _ImagePart:
     """One image_url part that passed the structural checks; its bytes are not decoded yet."""
 
-    mime: str  # as the data URL declared it
+    mime: str  # as the data URL declared it ("" for an http(s) URL: whatever it serves)
     base64_text: str
     detail: str  # "low" | "high" | "auto"
     param: str  # where it sits, for error messages: messages[0].content[1]
+    url: str | None = None  # an http(s) URL to fetch (remote_image.py) instead of a data URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +273,8 @@ def _check_image_part(part: dict[str, Any], where: str) -> _ImagePart:
     if detail not in _DETAILS:
         raise invalid(f"Invalid value: {detail!r}. Supported values are: 'low', 'high', and 'auto'.",
                       f"{where}.image_url.detail", "invalid_value")
+    if remote_image.is_remote(url):
+        return _ImagePart(mime="", base64_text="", detail=detail, param=f"{where}.image_url.url", url=url)
     match = _DATA_URL.match(url)
     if match is None:
         raise invalid("Invalid image URL: this local server accepts only data:image/<type>;base64,... URLs.",
@@ -293,13 +297,18 @@ def _decode_picture(part: _ImagePart) -> Picture:
     its data URL declared.
     """
     try:
-        data = base64.b64decode(part.base64_text, validate=True)
+        data = (remote_image.fetch_image(part.url) if part.url is not None
+                else base64.b64decode(part.base64_text, validate=True))
+    except remote_image.FetchRefused as err:  # OpenAI: "Error while downloading <url>." (invalid_image_url)
+        raise invalid(f"Error while downloading {part.url}: {err}.", part.param, "invalid_image_url") from None
     except (binascii.Error, ValueError):
         raise invalid("Invalid base64 image data.", part.param, "invalid_image_url") from None
     try:
         with Image.open(io.BytesIO(data)) as img:
             actual = _MIME_BY_FORMAT.get(img.format or "")
-            if actual != part.mime:
+            if part.url is not None and actual is None:
+                raise invalid(f"You uploaded an unsupported image ({img.format}).", part.param, "invalid_image_format")
+            if part.url is None and actual != part.mime:
                 raise invalid(f"The image data is {img.format}, not the declared {part.mime}.", part.param,
                               "invalid_image_format")
             size = img.size

@@ -172,7 +172,8 @@ class Submitter:
             run.state.records[writer.name] = ChunkRecord(writer.name, 0, 0, "writing")
         writer.add(line, IndexEntry(custom_id, item.key, attempt, item_facts(item, encoded)))
         run.state.ledger[key_hash(item.key)] = -1
-        self._live_shas.add(key_hash(encoded.sha256))
+        if encoded.sha256:
+            self._live_shas.add(key_hash(encoded.sha256))
         if writer.lines == 2:
             crash_point("writing")
         return writer
@@ -181,6 +182,8 @@ class Submitter:
         """True when these bytes are not to be sent: copied from this job's answer now (a dedup
         row), or waiting for a live chunk that holds them (no row yet; a later walk copies it)."""
         run = self.run
+        if not encoded.sha256:  # an image sent as its URL: no bytes to compare
+            return False
         original = await run.dedupe.original_of(encoded.sha256)
         if original is not None:
             run.record_row(run.captioner.dedup_row(item.key, item_facts(item, encoded), original))

@@ -147,7 +147,8 @@ def build_body(job: Job, image: Encoded, *, stream: bool) -> dict[str, Any]:
     text = prompt.user if prompt.language is None else f"{prompt.user}\nAnswer in {prompt.language}."
     if job.structured.format == "json_object":
         text += "\nAnswer with one JSON object and nothing else."
-    source = {"type": "base64", "media_type": image.mime, "data": image.data_url().split(",", 1)[1]}
+    source = ({"type": "url", "url": image.url} if image.url is not None  # [input] send = "url" (Vision docs)
+              else {"type": "base64", "media_type": image.mime, "data": image.data_url().split(",", 1)[1]})
     content = [{"type": "image", "source": source}, {"type": "text", "text": text}]
     body: dict[str, Any] = {"model": job.endpoint.model, "max_tokens": prompt.max_tokens,
                             "messages": [{"role": "user", "content": content}]}

@@ -100,7 +100,7 @@ class OpenAIProvider:
 
     def body(self, image: Encoded, *, stream: bool) -> dict[str, Any]:
         """The request body as the server wants it now (what `learn` learned applied)."""
-        body = build_payload(self.job, image.data_url(), stream=stream, token_param=self.token_param)
+        body = build_payload(self.job, image.url or image.data_url(), stream=stream, token_param=self.token_param)
         for name in self.dropped:
             body.pop(name, None)
         return body
