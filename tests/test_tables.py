@@ -248,7 +248,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def test_http_urls_are_fetched_and_a_missing_one_is_an_error_row(server, http_images, folder_captions, tmp_path,
                                                                  write_job):
-    pytest.importorskip("fsspec")
     urls = [f"{http_images}/{name}" for name in GOOD] + [f"{http_images}/missing.jpg"]
     pq.write_table(pa.table({"url": urls}), tmp_path / "t.parquet")
     job = _job(tmp_path / "job.toml", write_job, path_column="url")
@@ -256,7 +255,33 @@ def test_http_urls_are_fetched_and_a_missing_one_is_an_error_row(server, http_im
     rows = {r["image_path"]: r for r in read_rows(tmp_path / "out")}
     assert _by_sha(rows.values()) == folder_captions
     missing = rows[f"{http_images}/missing.jpg"]
-    assert missing["status"] == "error" and missing["error_kind"] == "bad_image"
+    assert missing["status"] == "error" and missing["error_kind"] == "fetch" and "HTTP 404" in missing["error"]
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 1  # the dead link is tried again
+    assert len(read_rows(tmp_path / "out")) == len(urls) + 1
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_send_url_sends_the_url_itself_and_reads_nothing(server, http_images, tmp_path, write_job, api):
+    """send = "url": the request carries the URL (the bundled endpoint fetches loopback URLs, as a
+    provider fetches any), the row has no size or hash, and the kept columns still land."""
+    urls = [f"{http_images}/{name}" for name in GOOD]
+    pq.write_table(pa.table({"url": urls, "n": list(range(len(urls)))}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="url", send="url", keep_columns=["n"])
+    flags = ("--api", api, "--model", "claude-sonnet-4-5") if api == "anthropic" else ()
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job, *flags) == 0
+    rows = read_rows(tmp_path / "out")
+    assert sorted((r["image_path"], r["n"], r["status"]) for r in rows) == sorted(
+        (u, i, "ok") for i, u in enumerate(urls))
+    assert all(r["image_sha256"] is None and r["file_bytes"] is None and r["caption"] for r in rows)
+    assert all(r["prompt_tokens"] > 0 for r in rows)  # the server counted the image it fetched
+
+
+def test_send_url_is_refused_for_gemini(tmp_path, write_job):
+    job = _job(tmp_path / "job.toml", write_job, path_column="url", send="url")
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"]}), tmp_path / "t.parquet")
+    ran = run_main("run", tmp_path / "t.parquet", "--job", job, "--out", tmp_path / "out", "--api", "gemini",
+                   "--model", "gemini-2.5-flash")
+    assert ran == 2
 
 
 # --- resume, dedupe, batch ------------------------------------------------------------------
@@ -582,12 +607,11 @@ def test_a_table_whose_rows_share_a_key_is_refused_before_anything_is_sent(serve
 
 
 def test_http_image_over_max_file_mb_is_an_error_row(server, http_images, tmp_path, write_job):
-    pytest.importorskip("fsspec")
     pq.write_table(pa.table({"url": [f"{http_images}/{GOOD[0]}"]}), tmp_path / "t.parquet")
     job = _job(tmp_path / "job.toml", write_job, path_column="url", max_file_mb=0.001)
     assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
     (row,) = read_rows(tmp_path / "out")
-    assert row["error_kind"] == "bad_image" and "max_file_mb" in row["error"] and not server.observed()
+    assert row["error_kind"] == "fetch" and "max_file_mb" in row["error"] and not server.observed()
 
 
 def test_bytes_table_limit_review_and_export_by_row_number(server, tmp_path, write_job, cli):

@@ -60,6 +60,20 @@ LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
+REMOTE_READ_WORKERS = 32
+"""Image threads at most when reading an item waits on the network (a table of URLs): each holds one
+download (bounded by max_file_mb) or one decode; per-host limits are the source's (`fetch_per_host`)."""
+
+
+def image_workers(source, concurrency: int) -> int:
+    """Threads that read and encode images: one per core, or, when reads wait on the network
+    (`source.remote_reads`), enough to keep `concurrency` requests fed (at most REMOTE_READ_WORKERS)."""
+    cores = os.cpu_count() or 1
+    if getattr(source, "remote_reads", False):
+        return max(cores, min(REMOTE_READ_WORKERS, concurrency))
+    return cores
+
+
 class _Stopped(Exception):
     """The run is stopping: this image's request was not sent, and it gets no row."""
 
@@ -109,7 +123,7 @@ class _Run:
         self.policy = RetryPolicy.of(limits)
         self.limiter = Limiter(limits.concurrency, rpm=limits.rpm, tpm=limits.tpm, rps=limits.rps, tps=limits.tps,
                                backoff_base_s=limits.retry_base_s, max_pause_s=limits.retry_max_s)
-        self.image_workers = limits.preprocess_workers or os.cpu_count() or 1
+        self.image_workers = limits.preprocess_workers or image_workers(source, limits.concurrency)
         self.sources: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
         self.encoded: asyncio.Queue = asyncio.Queue(maxsize=limits.concurrency)
         self.stop = asyncio.Event()

@@ -88,6 +88,10 @@ class SampledSource:
     def kept_schema(self) -> pa.Schema:
         return self.inner.kept_schema()
 
+    @property
+    def remote_reads(self) -> bool:
+        return getattr(self.inner, "remote_reads", False)
+
 
 class LimitedSource:
     """The first `n` items of `inner`, in walk order (the walk stops there)."""
@@ -116,3 +120,7 @@ class LimitedSource:
 
     def kept_schema(self) -> pa.Schema:
         return self.inner.kept_schema()
+
+    @property
+    def remote_reads(self) -> bool:
+        return getattr(self.inner, "remote_reads", False)

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import functools
 import os
 import posixpath
 from collections.abc import Iterator, Mapping
@@ -45,8 +46,9 @@ from ..errors import JobError
 from ..job import InputSettings
 from .folder import FileItem, _too_big
 from .fs import is_url, open_fs, scheme_of
+from .urls import UrlItem, url_item
 
-__all__ = ["TABLE_SUFFIXES", "TableSource", "TableReader", "UrlItem", "BytesItem", "item_for_path", "hf_image_column",
+__all__ = ["TABLE_SUFFIXES", "TableSource", "TableReader", "FsspecItem", "BytesItem", "item_for_path", "hf_image_column",
            "conformed"]
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,9 @@ _HTTP = ("http", "https")
 
 
 @dataclass(frozen=True, slots=True)
-class UrlItem:
-    """An image at an fsspec or http(s) URL, read through fsspec, at most `max_bytes`."""
+class FsspecItem:
+    """An image at an fsspec URL (s3://, gs://, ...), read through fsspec, at most `max_bytes`.
+    (http(s) URLs are `urls.UrlItem`s: downloaded with per-host limits and retries, or sent as URLs.)"""
 
     url: str
     key: str
@@ -124,12 +127,12 @@ class BytesItem:
 
 
 def item_for_path(value: Any, key: str, settings: InputSettings, kept: Mapping[str, Any], *,
-                  relative_to: str | None = None) -> FileItem | UrlItem | BytesItem:
+                  relative_to: str | None = None) -> FileItem | FsspecItem | UrlItem | BytesItem:
     """The item for one path_column value: the one place a path becomes an item.
 
     A local path (relative ones joined to `relative_to`, the table's folder), an fsspec URL (read
-    with the job's storage_options) or an http(s) URL (fsspec's HTTP file system, bounded by
-    max_file_mb). An empty cell gives an item whose read fails, so that the row becomes an error row.
+    with the job's storage_options) or an http(s) URL (`urls.py`: downloaded within the job's fetch
+    limits, or sent as the URL itself with `send = "url"`). An empty cell gives an item whose read fails, so that the row becomes an error row.
     """
     max_bytes = int(settings.max_file_mb * 1_000_000)
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -140,14 +143,15 @@ def item_for_path(value: Any, key: str, settings: InputSettings, kept: Mapping[s
     if scheme is None and relative_to is not None and not os.path.isabs(value):
         scheme = scheme_of(relative_to)
         value = posixpath.join(relative_to, value) if scheme else os.path.join(relative_to, value)
+    if scheme in _HTTP:
+        return url_item(value, key, settings, kept)
     if scheme is not None:
-        options = {} if scheme in _HTTP else dict(settings.storage_options)
-        return UrlItem(value, key, max_bytes, kept, options)
+        return FsspecItem(value, key, max_bytes, kept, dict(settings.storage_options))
     return FileItem(Path(value), key, max_bytes, kept)
 
 
 def _bytes_item(value: Any, key: str, settings: InputSettings, kept: Mapping[str, Any],
-                relative_to: str | None) -> FileItem | UrlItem | BytesItem:
+                relative_to: str | None) -> FileItem | FsspecItem | UrlItem | BytesItem:
     """The item for one bytes_column value: bytes, or HF's `{bytes, path}` struct (its path when
     it holds no bytes: `datasets` stores images it did not embed by path)."""
     if isinstance(value, dict):
@@ -390,6 +394,19 @@ class TableSource:
     def kept_schema(self) -> pa.Schema:
         return pa.schema([self.schema.field(name) for name in self.settings.keep_columns])
 
+    @functools.cached_property
+    def remote_reads(self) -> bool:
+        """True when the path column's first value is a URL to download (http(s) with send = "bytes",
+        or an fsspec URL): reading an item then waits on the network, and drivers read with more threads."""
+        if self.path_column is None:
+            return False
+        for _, batch in self._reader.batches([self.path_column], 64):
+            value = next((v for v in batch.column(0).to_pylist() if isinstance(v, str) and v.strip()), None)
+            if value is not None:
+                scheme = scheme_of(value)
+                return scheme is not None and not (scheme in _HTTP and self.settings.send == "url")
+        return False
+
     # --- the walk ---
 
     def _columns(self) -> list[str]:
@@ -399,14 +416,14 @@ class TableSource:
     def _batch_rows(self) -> int:
         return BYTES_BATCH_ROWS if self.bytes_column is not None else PATH_BATCH_ROWS
 
-    def items(self) -> Iterator[FileItem | UrlItem | BytesItem]:
+    def items(self) -> Iterator[FileItem | FsspecItem | UrlItem | BytesItem]:
         """One item per row, in table order, a record batch at a time."""
         for start, batch in self._reader.batches(self._columns(), self._batch_rows()):
             self.batches_read += 1
             self.largest_batch = max(self.largest_batch, batch.num_rows)
             yield from self._items_of(start, batch)
 
-    def _items_of(self, start: int, batch: pa.RecordBatch) -> Iterator[FileItem | UrlItem | BytesItem]:
+    def _items_of(self, start: int, batch: pa.RecordBatch) -> Iterator[FileItem | FsspecItem | UrlItem | BytesItem]:
         values = batch.to_pydict()
         image = values[self.path_column or self.bytes_column]
         keys = values[self.settings.key_column] if self.settings.key_column else None
@@ -414,7 +431,7 @@ class TableSource:
             yield self._item(start + i, image[i], keys[i] if keys is not None else None,
                              {name: values[name][i] for name in self.settings.keep_columns})
 
-    def _item(self, row: int, image: Any, key: Any, kept: dict[str, Any]) -> FileItem | UrlItem | BytesItem:
+    def _item(self, row: int, image: Any, key: Any, kept: dict[str, Any]) -> FileItem | FsspecItem | UrlItem | BytesItem:
         folder = self._reader.folder
         key = _key(row, key if self.settings.key_column else image if self.path_column else None)
         if self.path_column is not None:
@@ -457,7 +474,7 @@ class TableSource:
         """True when keys are row numbers (no key_column, and bytes rather than paths)."""
         return self.settings.key_column is None and self.path_column is None
 
-    def open_by_key(self, key: str) -> FileItem | UrlItem | BytesItem | None:
+    def open_by_key(self, key: str) -> FileItem | FsspecItem | UrlItem | BytesItem | None:
         """The row with this key, or None when no row has it.
 
         Row-number keys are read directly; other keys are looked up in an index of key hashes,
@@ -491,7 +508,7 @@ class TableSource:
         order = pc.sort_indices(hashes)  # a UInt64Array of row numbers
         return hashes.take(order), order
 
-    def _item_at(self, row: int) -> FileItem | UrlItem | BytesItem | None:
+    def _item_at(self, row: int) -> FileItem | FsspecItem | UrlItem | BytesItem | None:
         """The item of row `row`, reading forward from the last batch found (or from its row group)."""
         start, batch, batches = self._cursor
         if batch is None or row < start:
