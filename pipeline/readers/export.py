@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..job import InputSettings
-from ..sources import ImageSource, open_source
+from ..sources import ImageSource, input_problem, is_url, open_source
 from ..sources.folder import key_path, unescape_key
 from ..store import JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, open_atomic
 from .card import CARD_FILE, is_own_card, render_card
@@ -90,7 +90,7 @@ class ExportSettings:
     out: Path  # the out folder written by `caption run`
     to: Format
     dest: Path | None = None  # folder to write into; per-format default when None
-    input: Path | None = None  # the image folder the run captioned (image_path is relative to it)
+    input: Path | str | None = None  # the image folder the run captioned (image_path is relative to it), or its URL
     overwrite: bool = False  # replace existing files instead of refusing
     columns: tuple[str, ...] | None = None  # extra columns (hf, jsonl, csv); None: DEFAULT_COLUMNS
     copy_images: bool = False  # also copy each exported image under dest (txt, hf)
@@ -221,8 +221,12 @@ def _check_settings(settings: ExportSettings) -> None:
         raise JobError(f"--caption-ext applies to --to txt, not {to}")
     if not re.fullmatch(r"\.[A-Za-z0-9_-]+", settings.caption_ext):
         raise JobError(f"--caption-ext {settings.caption_ext!r}: give a dot and letters, e.g. .txt or .caption")
-    if settings.input is not None and not settings.input.is_dir():
-        raise JobError(f"--input {settings.input}: folder not found")
+    if to in ("txt", "hf") and settings.dest is None and is_url(str(settings.input)):
+        raise JobError(f"--to {to} writes beside the images, and --input {settings.input} is an object store: "
+                       f"give --dest DIR{' --copy-images' if to == 'hf' else ''} to write a local folder instead")
+    if settings.input is not None and (problem := input_problem(settings.input, run_input_settings(settings.out),
+                                                                folder=True)):
+        raise JobError(f"--input {settings.input}: {problem}")
 
 
 def _check_targets(settings: ExportSettings, latest: LatestRows) -> tuple[int, list[ErrorRow], int]:

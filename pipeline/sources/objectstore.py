@@ -190,7 +190,8 @@ class _RangeReader(io.RawIOBase):
 
     def _object_size(self) -> int:
         if self._size is None:
-            self._size = _retried(lambda: int(self._fs.size(self._item.path)), self._item.location.url_of(self._item.path))
+            path = self._item.path
+            self._size = _retried(lambda: int(self._fs.size(path)), self._item.location.url_of(path))
         return self._size
 
 
