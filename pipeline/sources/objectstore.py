@@ -7,10 +7,11 @@ folders, escaped by `escape_key`.
 
 Listing is streamed. On S3 (s3fs) the prefix is listed page by page with `list_objects_v2` and its
 continuation token (https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListObjectsV2.html, at most
-1,000 keys a page), in the order S3 returns keys: UTF-8 binary order, the same on every run. Only
-one page is held at a time; s3fs's own `find`/`ls` would hold the whole prefix. Other fsspec file
-systems (gcsfs, adlfs, memory://, ...) are walked one directory at a time with `fs.ls`, depth
-first, names sorted, as the local folder is: one directory's listing is held at a time.
+1,000 keys a page; the first pages ask for 32 and 256, so the run starts sooner), in the order S3 returns
+keys: UTF-8 binary order, the same on every run. Only one page is held at a time; s3fs's own
+`find`/`ls` would hold the whole prefix. Other fsspec file systems (gcsfs, adlfs, memory://, ...)
+are walked one directory at a time with `fs.ls`, depth first, names sorted, as the local folder is:
+one directory's listing is held at a time.
 
 Reads are bounded and retried: an object whose listed size is over `[input] max_file_mb` is refused
 unread, a read asks for at most the limit + 1 bytes (a ranged GET), and a header read (`open`) fetches
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 LIST_PAGE_KEYS = 1000
 """Keys asked for per `list_objects_v2` page (S3's maximum, and its default)."""
+
+LIST_FIRST_PAGE_KEYS = 32
+"""Keys asked for on the first page, then eight times as many a page up to LIST_PAGE_KEYS (32, 256,
+1,000, ...): a small page comes back and parses sooner, so the check of INPUT (which needs one image)
+and the run's first batch of items do not wait for thousands of keys."""
 
 HEADER_BLOCK_BYTES = 64 * 1024
 """What a header read (`ObjectItem.open`) fetches at a time: the first block holds the size of
@@ -327,10 +333,12 @@ def _s3_pages(fs: Any, root: str, url: str) -> Iterator[tuple[str, int | None]]:
     for anything else that lasts READ_ATTEMPTS tries (s3fs translates S3's errors to these).
     """
     bucket, _, prefix = root.partition("/")
-    request: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": LIST_PAGE_KEYS}
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "",
+                               "MaxKeys": min(LIST_FIRST_PAGE_KEYS, LIST_PAGE_KEYS)}
     cut = len(request["Prefix"])
     while True:
         page = _retried(lambda: fs.call_s3("list_objects_v2", **request), url)
+        request["MaxKeys"] = min(request["MaxKeys"] * 8, LIST_PAGE_KEYS)
         for entry in page.get("Contents") or ():
             yield entry["Key"][cut:], entry.get("Size")
         token = page.get("NextContinuationToken")
