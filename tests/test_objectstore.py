@@ -214,6 +214,15 @@ def test_identical_objects_are_sent_once(server, bucket, s3_job, tmp_path, cli):
     assert len({row["caption"] for row in rows.values()}) == 1
 
 
+def test_batch_prepare_writes_one_request_per_object(bucket, s3_job, tmp_path, cli):
+    url = bucket(_files({"a.jpg": "coffee_cup.jpg", "sub/b.png": "transparent_logo.png", "notes.txt": "README.md"}))
+    ran = cli("batch", "prepare", url, "--job", s3_job(), "--dest", tmp_path / "requests")
+    assert ran.code == 0, ran.err
+    lines = [json.loads(line) for path in sorted((tmp_path / "requests").glob("requests-?????.jsonl"))
+             for line in path.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["a.jpg", "sub/b.png"]
+
+
 def test_an_object_over_max_file_mb_is_an_error_row_and_the_rest_go_on(server, bucket, s3_job, tmp_path, cli):
     big = (SAMPLES / "hubble_deep_field.jpg").read_bytes()
     small = (SAMPLES / "horse_silhouette_1bit.png").read_bytes()

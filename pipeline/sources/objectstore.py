@@ -250,7 +250,7 @@ class ObjectStoreSource:
             if next(self._items(passed, quiet=True), None) is not None:
                 return None  # (when it is None, that one listing went to the end and counted everything)
         except FileNotFoundError:
-            return "not found: no such bucket (or container); check the name"
+            return "not found: no such bucket (or container, or folder on this file system); check the name"
         except PermissionError as err:
             return (f"access denied ({_one_line(err)}); check the credentials: the environment "
                     "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) or [input] storage_options")
