@@ -23,6 +23,7 @@ from conftest import DEMO_JOB, ROOT, SAMPLES, copy_samples, distinct_copies, rea
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
+botocore_errors = pytest.importorskip("botocore.exceptions")
 
 from pipeline.engine.caption import Captioner  # noqa: E402
 from pipeline.errors import BadImageError  # noqa: E402
@@ -386,10 +387,84 @@ def test_input_problem_for_one_object_and_a_non_image(bucket, s3_endpoint):
     assert "is not an image file" in input_problem(url + "notes.txt", settings)
 
 
-def _client_error(status: int, code: str):
-    from botocore.exceptions import ClientError
+class _FlakyProxy:
+    """A loopback HTTP proxy in front of the S3 server that answers the first GET of each object
+    under `in/` with 503 ServiceUnavailable (as S3 does when it is overloaded), then forwards."""
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+    FAULT = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+             b"<Message>Service is unavailable, try later.</Message></Error>")
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        proxy, target = self, urlsplit(upstream)
+        self.gets: list[tuple[str, int]] = []  # (path, status answered)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "GET" and "/in/" in self.path and self.path not in {p for p, _ in proxy.gets}:
+                    proxy.gets.append((self.path, 503))
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.FAULT)))
+                    self.end_headers()
+                    self.wfile.write(proxy.FAULT)
+                    return
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+                upstream_conn.request(self.command, self.path, body, dict(self.headers))
+                answer = upstream_conn.getresponse()
+                data = answer.read()
+                if self.command == "GET" and "/in/" in self.path:
+                    proxy.gets.append((self.path, answer.status))
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_transient_read_failure_is_retried_and_a_missing_object_is_not(bucket, s3_endpoint):
+    data = (SAMPLES / "coffee_cup.jpg").read_bytes()
+    url = bucket({"a.jpg": data})
+    proxy = _FlakyProxy(s3_endpoint)
+    try:
+        # botocore's and s3fs's own retries off, so that what retries is caption's (objectstore._retried)
+        settings = InputSettings(storage_options={"endpoint_url": proxy.url, "skip_instance_cache": True,
+                                                  "config_kwargs": {"retries": {"total_max_attempts": 1}}})
+        source = open_source(url, settings)
+        assert source.open_by_key("a.jpg").read() == data
+        with pytest.raises(FileNotFoundError):
+            source.open_by_key("gone.jpg").read()
+    finally:
+        proxy.stop()
+    statuses = {}
+    for path, status in proxy.gets:
+        statuses.setdefault(path.split("?")[0].rsplit("/", 1)[-1], []).append(status)
+    assert statuses == {"a.jpg": [503, 206], "gone.jpg": [503, 404]}  # the 404 itself is not tried again
+
+
+def _client_error(status: int, code: str):
+    return botocore_errors.ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
                        "GetObject")
 
 
@@ -400,9 +475,9 @@ def _client_error(status: int, code: str):
     (lambda: _client_error(404, "NoSuchKey"), False),
     (lambda: _client_error(403, "AccessDenied"), False),
     (lambda: _client_error(400, "InvalidArgument"), False),
-    (lambda: __import__("botocore.exceptions").exceptions.EndpointConnectionError(endpoint_url="http://x"), True),
-    (lambda: __import__("botocore.exceptions").exceptions.ReadTimeoutError(endpoint_url="http://x"), True),
-    (lambda: __import__("botocore.exceptions").exceptions.NoCredentialsError(), False),
+    (lambda: botocore_errors.EndpointConnectionError(endpoint_url="http://x"), True),
+    (lambda: botocore_errors.ReadTimeoutError(endpoint_url="http://x"), True),
+    (lambda: botocore_errors.NoCredentialsError(), False),
     (lambda: ConnectionResetError(104, "reset"), True),
     (lambda: TimeoutError(), True),
     (lambda: FileNotFoundError("gone"), False),
