@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_JOB, ROOT, SAMPLES, copy_samples, distinct_copies, read_rows
+from conftest import DEMO_JOB, ROOT, SAMPLES, distinct_copies, read_rows
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
