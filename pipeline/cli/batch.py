@@ -128,7 +128,7 @@ def _cmd_batch_prepare(args: argparse.Namespace, argv: list[str]) -> int:
     from ..engine.batch import prepare_requests
 
     job = load_job(args.job, job_overrides(args))
-    require_input(args.input)
+    require_input(args.input, job.input)
     summary = prepare_requests(job, args.input, args.dest)
     print(f"caption: {summary.requests} requests in {len(summary.files)} files under {args.dest}/")
     for key, why in summary.bad_images:

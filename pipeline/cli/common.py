@@ -13,7 +13,6 @@ import errno
 import shlex
 import sys
 import typing
-from pathlib import Path
 
 from ..errors import JobError
 from ..job import OVERRIDABLE, SECTIONS, UNSET, resolve_api_key, resolve_headers
@@ -25,6 +24,7 @@ __all__ = [
     "job_overrides",
     "job_secrets",
     "require_input",
+    "input_location",
     "counts_line",
     "print_run_end",
 ]
@@ -108,12 +108,25 @@ def job_secrets(job) -> tuple[str | None, dict[str, str]]:
     return api_key, headers
 
 
-def require_input(path: str) -> None:
-    """A JobError (exit 2, nothing sent) when the input folder or image (or first shard) does not exist."""
-    from ..sources import input_exists
+def require_input(path: str, settings=None) -> None:
+    """A JobError (exit 2, nothing sent) when the input folder or image does not exist, or an
+    object-store INPUT (`s3://bucket/prefix/`) cannot be listed or holds no image (`settings`: the
+    job's `[input]`, for its storage_options)."""
+    from ..sources import input_problem  # imported late: a URL loads fsspec
 
-    if not input_exists(path):
-        raise JobError(f"{path}: input folder not found")
+    problem = input_problem(path, settings)
+    if problem is not None:
+        raise JobError(f"{path}: {problem}")
+
+
+def input_location(text: str):
+    """An `--input` argument: a local path as a Path, a URL (`s3://bucket/prefix/`) as the string
+    it is (a Path would turn `s3://b/x` into `s3:/b/x`)."""
+    from pathlib import Path
+
+    from ..sources.fs import is_url
+
+    return text if is_url(text) else Path(text)
 
 
 def counts_line(summary) -> str:

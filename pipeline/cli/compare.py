@@ -45,7 +45,7 @@ def add_commands(commands, common_flags: argparse.ArgumentParser) -> None:
 def _cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     from ..readers.compare import CompareSettings, compare
 
-    settings = CompareSettings(input=Path(args.input), jobs=tuple(Path(p) for p in _names(args.jobs)),
+    settings = CompareSettings(input=args.input, jobs=tuple(Path(p) for p in _names(args.jobs)),
                                out=args.out, models=tuple(_names(args.models or "")),
                                overrides=job_overrides(args), progress=args.progress)
     summary = compare(settings, job_secrets)

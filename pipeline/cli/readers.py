@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..job import load_job
-from .common import add_overrides, job_overrides
+from .common import add_overrides, input_location, job_overrides
 
 __all__ = ["EXPORT_EXAMPLES", "REVIEW_EXAMPLES", "ESTIMATE_EXAMPLES", "REPORT_EXAMPLES", "add_commands"]
 
@@ -74,7 +74,8 @@ def _add_export(commands, common_flags: argparse.ArgumentParser) -> None:
     export.add_argument("--dest", metavar="DIR", type=Path,
                         help="where to write (txt: sidecars mirrored under DIR instead of beside the images; "
                              "jsonl/csv/parquet: default beside OUT, named after it)")
-    export.add_argument("--input", metavar="DIR", type=Path, help="the image folder `caption run` captioned")
+    export.add_argument("--input", metavar="DIR", type=input_location,
+                        help="the image folder `caption run` captioned (or its s3://... URL)")
     export.add_argument("--overwrite", action="store_true", help="replace files that already exist")
     export.add_argument("--columns", metavar="A,B", help="more columns for hf, jsonl and csv, e.g. "
                                                          "model,total_tokens (default for jsonl/csv: model and tokens)")
@@ -95,7 +96,8 @@ def _add_review(commands, common_flags: argparse.ArgumentParser) -> None:
     )
     review.add_argument("out", metavar="OUT", nargs="+",
                         help="out folder written by `caption run`; several: one page, side by side")
-    review.add_argument("--input", metavar="DIR", type=Path, help="the image folder, for thumbnails")
+    review.add_argument("--input", metavar="DIR", type=input_location,
+                        help="the image folder (or its s3://... URL), for thumbnails")
     review.add_argument("--html", metavar="FILE", type=Path,
                         help="where to write the page (default OUT/_review.html; several: OUT_A/_compare.html)")
     review.add_argument("--errors-first", action="store_true", help="list error rows before the others")

@@ -78,7 +78,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.detach and job.endpoint.mode != "batch":
         raise JobError("--detach goes with batch mode: add --mode batch (or set [endpoint] mode = \"batch\")")
     api_key, headers = job_secrets(job)
-    require_input(args.input)
+    require_input(args.input, job.input)
     summary = run(job, args.input, args.out, api_key=api_key, headers=headers,
                   allow_job_change=args.allow_job_change, progress=args.progress, detach=args.detach)
     print_run_end(summary, args.out, argv)

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import JobError
 from ..job import Job, load_job
 from ..records import RunSummary
-from ..sources import input_exists
+from ..sources import input_problem
 from ..store import iter_latest_rows
 from .estimate import estimate
 from .review import Projection, ReviewSummary, Variant, write_comparison
@@ -44,7 +44,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # a model name may hold "/" or ":"; 
 class CompareSettings:
     """What `caption compare` runs."""
 
-    input: Path  # INPUT, as for `caption run`
+    input: Path | str  # INPUT, as for `caption run` (a local path, or a URL such as s3://bucket/prefix/)
     jobs: tuple[Path, ...]  # job files, one variant each (times each of `models`)
     out: Path  # DIR: holds DIR/<variant>/ and DIR/_compare.html
     models: tuple[str, ...] = ()  # each job runs once per model; empty: with its own model
@@ -101,8 +101,8 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
     from ..engine import run  # the driver; imported late, as the CLI does
 
     variants = plan_variants(settings)
-    if not input_exists(settings.input):
-        raise JobError(f"{settings.input}: input folder not found")
+    if (problem := input_problem(settings.input, variants[0][1].input)) is not None:
+        raise JobError(f"{settings.input}: {problem}")
     keys = {name: secrets(job) for name, job in variants}  # a missing key fails before anything is sent
     settings.out.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, RunSummary]] = []
@@ -121,7 +121,7 @@ def compare(settings: CompareSettings, secrets: Callable[[Job], tuple[str | None
     return CompareSummary(runs=tuple(runs), page=page)
 
 
-def _projection(job: Job, input_path: Path, out: Path) -> Projection:
+def _projection(job: Job, input_path: Path | str, out: Path) -> Projection:
     """The variant's cost and time for the whole INPUT: the estimate of the unsampled job, with the
     sample's mean completion tokens and median latency where the sample had ok rows."""
     whole = dataclasses.replace(job, input=dataclasses.replace(job.input, sample=None, limit=None))

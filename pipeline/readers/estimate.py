@@ -21,7 +21,7 @@ from .. import cost, images
 from ..cost import load_prices
 from ..errors import BadImageError, JobError
 from ..job import Job, Limits
-from ..sources import input_exists, open_source
+from ..sources import input_problem, open_source
 
 __all__ = ["Scenario", "ScenarioFigures", "Estimate", "estimate", "format_estimate"]
 
@@ -167,8 +167,8 @@ def estimate(job: Job, input_path: str | Path, *, models: tuple[str, ...] = (),
     max_tokens as the completion per image; `mode` picks list ("online") or Batch API prices.
     Sends nothing. Raises JobError for a missing input folder or a bad price file.
     """
-    if not input_exists(input_path, job.input):
-        raise JobError(f"{input_path}: input folder not found")
+    if (problem := input_problem(input_path, job.input)) is not None:
+        raise JobError(f"{input_path}: {problem}")
     if expected_output_tokens is not None and expected_output_tokens < 0:
         raise JobError(f"--expected-output-tokens must be >= 0, not {expected_output_tokens}")
     if latency_s <= 0:

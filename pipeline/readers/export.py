@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import JobError
-from ..sources import ImageSource, input_exists, is_webdataset, open_source
+from ..sources import ImageSource, input_problem, is_url, is_webdataset, open_source
 from ..sources.folder import key_path, unescape_key
 from ..store import (JOB_FILE, SCHEMA, LatestRows, check_out_folder, iter_latest_rows, json_value, open_atomic,
                      recorded_kept_schema, with_kept)
@@ -91,7 +91,7 @@ class ExportSettings:
     out: Path  # the out folder written by `caption run`
     to: Format
     dest: Path | None = None  # folder to write into; per-format default when None
-    input: Path | None = None  # the image folder the run captioned (image_path is relative to it)
+    input: Path | str | None = None  # the image folder the run captioned (image_path is relative to it), or its URL
     overwrite: bool = False  # replace existing files instead of refusing
     columns: tuple[str, ...] | None = None  # extra columns (hf, jsonl, csv); None: DEFAULT_COLUMNS
     copy_images: bool = False  # also copy each exported image under dest (txt, hf)
@@ -215,18 +215,20 @@ def _check_settings(settings: ExportSettings) -> None:
     shards = settings.input is not None and is_webdataset(settings.input, run_input_settings(settings.out))
     if shards:
         _check_shard_export(settings)
-    elif settings.input is not None and not input_exists(settings.input, run_input_settings(settings.out)):
-        raise JobError(f"--input {settings.input}: not found")
-    if to in ("txt", "hf") and settings.input is not None and settings.input.is_file() and \
-            (settings.dest is None or settings.copy_images):
+    if to in ("txt", "hf") and settings.dest is None and is_url(str(settings.input)):
+        raise JobError(f"--to {to} writes beside the images, and --input {settings.input} is an object store: "
+                       f"give --dest DIR{' --copy-images' if to == 'hf' else ''} to write a local folder instead")
+    if settings.input is not None and (problem := input_problem(settings.input, run_input_settings(settings.out),
+                                                                folder=True)):
+        raise JobError(f"--input {settings.input}: {problem}")
+    if to in ("txt", "hf") and settings.input is not None and not is_url(str(settings.input)) and not shards and \
+            Path(settings.input).is_file() and (settings.dest is None or settings.copy_images):
         raise JobError(f"--to {to} writes beside image files in a folder, and --input {settings.input} is a file "
                        "(a table); export it --to parquet, jsonl or csv and join on the kept columns")
 
 
 def _check_shard_export(settings: ExportSettings) -> None:
     """WebDataset shards as --input: images live inside tar files, so nothing is written beside them."""
-    if not input_exists(settings.input, run_input_settings(settings.out)):
-        raise JobError(f"--input {settings.input}: no such shard")
     if settings.to == "hf" or settings.copy_images:
         raise JobError(f"--input {settings.input}: the images are inside WebDataset shards; --to hf and "
                        "--copy-images need image files (export txt --dest DIR, jsonl, csv or parquet)")

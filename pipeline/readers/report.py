@@ -25,7 +25,7 @@ from typing import Any
 from .. import cost
 from ..cost import load_prices
 from ..errors import JobError
-from ..sources import input_exists, open_source
+from ..sources import input_problem, open_source
 from .inputs import run_input_settings
 from ..store import JOB_FILE, HashSet, LatestRows, iter_rows, key_hash
 
@@ -305,8 +305,8 @@ def report(out: str | Path, *, input_dir: str | Path | None = None, prices_file:
         hint = (" (a run is in progress or crashed; the next `caption run` turns its journal into a part)"
                 if journals else "")
         raise JobError(f"{out}: no Parquet parts to report on; is it an out folder written by `caption run`?{hint}")
-    if input_dir is not None and not input_exists(input_dir, run_input_settings(out)):
-        raise JobError(f"{input_dir}: input not found")
+    if input_dir is not None and (problem := input_problem(input_dir, run_input_settings(out))) is not None:
+        raise JobError(f"{input_dir}: {problem}")
     prices = load_prices(prices_file) if prices is None else prices
     tally = _Tally(LatestRows.read(out), check=_FormulaCheck.of_out(out))
     for batch in iter_rows(out, columns=COLUMNS):

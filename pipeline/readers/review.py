@@ -44,7 +44,7 @@ from ..cost import load_prices
 from ..errors import BadImageError, JobError
 from ..images import encode_image
 from ..job import ImageSettings
-from ..sources import ImageSource, Item, input_exists, open_source
+from ..sources import ImageSource, Item, input_problem, open_source
 from ..store import check_out_folder, iter_latest_rows, open_atomic
 from .inputs import run_input_settings
 from .review_page import GENERATOR, HEAD, TAIL
@@ -109,7 +109,7 @@ class Variant:
     projection: Projection | None = None
 
 
-def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | None = None,
+def write_review(out: Path, *, input_dir: Path | str | None = None, html_path: Path | None = None,
                  errors_first: bool = False, page_size: int = PAGE_SIZE,
                  prices: cost.PriceTable | None = None) -> ReviewSummary:
     """Write the review page of `out` (by default `out/_review.html`); return what it holds.
@@ -119,7 +119,8 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
     `input_dir` is not a folder, or when `html_path` exists and is not a page this module wrote.
     """
     check_out_folder(out)
-    _check_input(input_dir, out)
+    if input_dir is not None and (problem := input_problem(input_dir, run_input_settings(out), folder=True)):
+        raise JobError(f"--input {input_dir}: {problem}")
     target = html_path or out / DEFAULT_HTML
     _refuse_foreign_file(target)
     meta = {"title": _title(out), "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -139,14 +140,7 @@ def write_review(out: Path, *, input_dir: Path | None = None, html_path: Path | 
                          errors=counts["images"] - counts["ok"], thumbnails=counts["thumbnails"])
 
 
-def _check_input(input_dir: Path | None, out: Path) -> None:
-    """JobError unless `input_dir` is None or names something to read (as the run read it: a folder, a
-    table, a dataset, shards)."""
-    if input_dir is not None and not input_exists(input_dir, run_input_settings(out)):
-        raise JobError(f"--input {input_dir}: not found")
-
-
-def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = None, html_path: Path | None = None,
+def write_comparison(variants: Sequence[Variant], *, input_dir: Path | str | None = None, html_path: Path | None = None,
                      errors_first: bool = False, page_size: int = PAGE_SIZE,
                      prices: cost.PriceTable | None = None) -> ReviewSummary:
     """Write one page showing several out folders side by side (by default `<first>/_compare.html`).
@@ -160,7 +154,9 @@ def write_comparison(variants: Sequence[Variant], *, input_dir: Path | None = No
         raise JobError(f"two out folders of the comparison have the same name: {', '.join(names)}")
     for variant in variants:
         check_out_folder(variant.out)
-    _check_input(input_dir, variants[0].out)
+    if input_dir is not None and (problem := input_problem(input_dir, run_input_settings(variants[0].out),
+                                                            folder=True)):
+        raise JobError(f"--input {input_dir}: {problem}")
     target = html_path or variants[0].out / COMPARE_HTML
     _refuse_foreign_file(target)
     prices = prices if prices is not None else load_prices()

@@ -1,7 +1,8 @@
 """sources/folder.py: the local folder source: image files under a folder, streaming, in a fixed order.
 
-Owns the filesystem walk, what counts as an image file, and the resume key (the path relative to
-the root, POSIX form, escaped by `escape_key`). It yields as it goes: a tree of millions of files
+Owns the filesystem walk; what counts as an image file or a hidden one, and the resume key (the path
+relative to the root, POSIX form, escaped by `escape_key`) are the rules in `keys.py`, which object
+stores share. It yields as it goes: a tree of millions of files
 is never listed whole, only one directory's names are held at a time (sorted, so that two runs see
 the same order). The walk reads directory entries only (their `d_type`, and `stat` for links),
 never a file's contents, and never opens anything but folders.
@@ -21,10 +22,8 @@ reads at most `max_bytes + 1` bytes whatever the file has grown to.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,34 +32,18 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from ..job import IMAGE_FORMATS, InputSettings
+from ..job import InputSettings
+from .keys import (BROKEN, HIDDEN, NOT_IMAGE, NOT_REGULAR, OUTSIDE, escape_key, image_extensions, is_hidden_name,
+                   is_image_name, key_name, too_big, unescape_key)
 
 __all__ = ["image_extensions", "FileItem", "FolderSource", "escape_key", "unescape_key", "key_path",
            "walk_images"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT_ALIASES = {"MPO": "JPEG"}  # Pillow registers .mpo for MPO, which its JPEG reader opens
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 """O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer, so `fstat` can refuse
 it (open(2)); O_NOCTTY: a terminal device never becomes the controlling terminal."""
-
-_ESCAPE = re.compile(r"\\(?:(\\)|x([0-9a-f]{2}))?")
-
-# Skip reasons, as `FolderSource.skipped` counts them.
-HIDDEN, NOT_IMAGE, NOT_REGULAR, OUTSIDE, BROKEN = (
-    "hidden", "not an image file", "not a regular file", "link outside INPUT", "unreadable")
-
-
-@functools.cache
-def image_extensions() -> frozenset[str]:
-    """Every file name ending (lower case, with the dot) that Pillow registers for a format in
-    `job.IMAGE_FORMATS` and can open in this install (`.avif` only with an AVIF-capable Pillow)."""
-    from PIL import Image  # only a walk pays for Pillow's plugin registry
-
-    Image.init()
-    return frozenset(ext.lower() for ext, name in Image.registered_extensions().items()
-                     if _FORMAT_ALIASES.get(name, name) in IMAGE_FORMATS and _FORMAT_ALIASES.get(name, name) in Image.OPEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +60,7 @@ class FileItem:
         with self.open() as handle:
             data = handle.read() if self.max_bytes is None else handle.read(self.max_bytes + 1)
         if self.max_bytes is not None and len(data) > self.max_bytes:  # it grew since open's fstat
-            raise OSError(errno.EFBIG, _too_big(len(data), self.max_bytes, "more than"))
+            raise OSError(errno.EFBIG, too_big(len(data), self.max_bytes, "more than"))
         return data
 
     def open(self) -> BinaryIO:
@@ -92,7 +75,7 @@ class FileItem:
             info = os.fstat(fd)
             _check_regular(info.st_mode)
             if self.max_bytes is not None and info.st_size > self.max_bytes:
-                raise OSError(errno.EFBIG, _too_big(info.st_size, self.max_bytes))
+                raise OSError(errno.EFBIG, too_big(info.st_size, self.max_bytes))
             os.set_blocking(fd, True)
             return os.fdopen(fd, "rb")
         except BaseException:
@@ -103,16 +86,6 @@ class FileItem:
 def _check_regular(mode: int) -> None:
     if not stat.S_ISREG(mode):
         raise OSError(errno.EINVAL, f"not a regular file ({_file_type(mode)}); not read")
-
-
-def _too_big(size: int, limit: int, relation: str = "") -> str:
-    return (f"file is {relation + ' ' if relation else ''}{_mb(size)} MB, over the {_mb(limit)} MB "
-            "limit ([input] max_file_mb, --max-file-mb); not read")
-
-
-def _mb(size: int) -> str:
-    """Bytes as MB for a message: "1,500", "0.01", "12.3"."""
-    return f"{size / 1e6:,.2f}".rstrip("0").rstrip(".")
 
 
 def _file_type(mode: int) -> str:
@@ -193,60 +166,11 @@ class FolderSource:
 # --- keys ------------------------------------------------------------------------------------
 
 
-def escape_key(name: str) -> str:
-    """The key for a relative path as the file system gave it: valid UTF-8, reversible, collision-free.
-
-    A name that is not UTF-8 (an old archive's Latin-1, say) reaches Python with surrogate escapes,
-    which no UTF-8 file can hold: each such byte becomes `\\xe9`-style text (lower-case hex), and a
-    real backslash becomes `\\\\`, so a file literally named `caf\\xe9.jpg` keeps a key of its own.
-    A name without a backslash that is valid UTF-8 is its own key. `unescape_key` reverses it.
-    """
-    if "\\" not in name:
-        try:
-            name.encode("utf-8")
-            return name
-        except UnicodeEncodeError:
-            pass
-    raw = name.encode("utf-8", "surrogateescape").replace(b"\\", b"\\\\")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def unescape_key(key: str) -> str | None:
-    """The path (as Python names files: surrogate escapes for bytes that are not UTF-8) that
-    `escape_key` turned into `key`; None when `key` is not such a key (a stray backslash, an escape
-    of a byte that needs none, a NUL)."""
-    if "\\" not in key:
-        return None if "\0" in key else key
-    raw, start = bytearray(), 0
-    for found in _ESCAPE.finditer(key):
-        raw += key[start:found.start()].encode("utf-8", "surrogatepass")
-        if found.group(1):
-            raw += b"\\"
-        elif found.group(2):
-            raw.append(int(found.group(2), 16))
-        else:
-            return None
-        start = found.end()
-    raw += key[start:].encode("utf-8", "surrogatepass")
-    name = raw.decode("utf-8", "surrogateescape")
-    return name if "\0" not in name and escape_key(name) == key else None
-
-
 def key_path(root: Path, key: str) -> Path | None:
     """The path under `root` that `key` names, or None when the key is not a walk's key or names
-    nothing inside `root`: empty, absolute, with `.`/`..`/empty parts, a NUL, a bad escape.
-
-    Keys come from Parquet rows, which a person may have edited: nothing may be read or written
-    outside the folder it was given. Escapes are undone first (`unescape_key`), so the path is the
-    file's real name, bytes and all.
-    """
-    name = unescape_key(key) if isinstance(key, str) and key else None
-    if name is None:
-        return None
-    parts = name.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return None
-    return root.joinpath(*parts)
+    nothing inside `root` (`keys.key_name`: empty, absolute, `.`/`..`/empty parts, a NUL, a bad escape)."""
+    name = key_name(key)
+    return None if name is None else root.joinpath(*name.split("/"))
 
 
 # --- the walk --------------------------------------------------------------------------------
@@ -327,7 +251,7 @@ class _Walk:
             log.info("skipping %s: %s", path, detail)
 
     def is_image(self, name: str) -> bool:
-        if os.path.splitext(name)[1].lower() in image_extensions():
+        if is_image_name(name):
             return True
         self.skip(NOT_IMAGE, name)
         return False
@@ -371,7 +295,7 @@ class _Walk:
         and stat'ed. Nothing is opened.
         """
         path = entry.path
-        if entry.name.startswith("."):
+        if is_hidden_name(entry.name):
             self.skip(HIDDEN, path)
             return None
         try:

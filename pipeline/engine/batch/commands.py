@@ -26,7 +26,7 @@ from ...errors import BadImageError, FatalError, JobError
 from ...job import LOCAL_BASE_URL, Job
 from ...providers import BatchBackend, make_batch_backend, make_provider
 from ...records import BatchSummary
-from ...sources import open_source
+from ...sources import is_url, open_source
 from ...store import BATCH_DIR, HashSet, OutFolderLock, Store, iter_rows, key_hash, write_atomic
 from ..caption import Captioner, item_facts
 from ..local import bundled_endpoint
@@ -114,7 +114,7 @@ async def run_batch(job: Job, input_path: str | Path | None, out: str | Path, *,
     summary = BatchSummary(out=out, detached=detach)
     started = time.monotonic()
     try:
-        state = BatchState.open(out, job, Path(input_path) if input_path is not None else None)
+        state = BatchState.open(out, job, input_path)
         async with bundled_endpoint(job.endpoint.base_url) as base_url, \
                 aiohttp.ClientSession(trust_env=True) as session:
             captioner, backend = _open(job, session, base_url, api_key, headers)
@@ -149,10 +149,10 @@ def _run_file(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8"))
 
 
-def run_input(out: str | Path) -> Path | None:
-    """The input folder a batch run in `out` recorded."""
+def run_input(out: str | Path) -> Path | str | None:
+    """The input folder a batch run in `out` recorded (a URL stays a string)."""
     recorded = _run_file(Path(out)).get("input")
-    return Path(recorded) if recorded else None
+    return (recorded if is_url(recorded) else Path(recorded)) if recorded else None
 
 
 def load_run_job(out: str | Path, job_file: str | Path | None = None) -> Job:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ...errors import JobError
 from ...job import Batch, Job, job_summary
+from ...sources import is_url
 from ...store import BATCH_DIR, OPEN_CHUNK_STATES, json_value, key_hash, write_atomic
 
 __all__ = ["BatchState", "ChunkRecord", "ChunkWriter", "IndexEntry", "read_index", "crash_point", "CRASH_ENV",
@@ -74,7 +75,7 @@ class BatchState:
         self.ledger: dict[int, int] = {}  # key hash → -1 live, 0 ended, n > 0 retry after n attempts
 
     @classmethod
-    def open(cls, out: Path, job: Job, input_path: Path | None, *, writable: bool = True) -> BatchState:
+    def open(cls, out: Path, job: Job, input_path: Path | str | None, *, writable: bool = True) -> BatchState:
         """The state of `out`. Writable (the caller holds the out folder's lock): record the run and
         clear what a dead run left half-written; read-only (status): touch nothing."""
         folder = out / BATCH_DIR
@@ -89,7 +90,7 @@ class BatchState:
         if writable:
             folder.mkdir(parents=True, exist_ok=True)
             if input_path is not None:
-                run["input"] = str(input_path.resolve())
+                run["input"] = str(input_path) if is_url(str(input_path)) else str(Path(input_path).resolve())
             run["job"] = job_summary(job)
             write_atomic(run_file, json.dumps(run, indent=2, ensure_ascii=False).encode())
         state = cls(folder, run["run_id"], job.fingerprint)
