@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 
 from ..errors import JobError
 from ..job import InputSettings
-from .folder import FileItem, _too_big
+from .folder import FileItem
+from .keys import too_big
 from .fs import is_url, open_fs, scheme_of
 from .urls import UrlItem, url_item
 
@@ -89,7 +90,7 @@ class FsspecItem:
         size = getattr(handle, "size", None)
         if isinstance(size, int) and size > self.max_bytes:
             handle.close()
-            raise OSError(errno.EFBIG, _too_big(size, self.max_bytes))
+            raise OSError(errno.EFBIG, too_big(size, self.max_bytes))
         return handle
 
     def read(self) -> bytes:
@@ -102,7 +103,7 @@ class FsspecItem:
             except Exception as err:  # noqa: BLE001
                 raise OSError(errno.EIO, f"cannot fetch {self.url}: {type(err).__name__}: {err}") from None
         if len(data) > self.max_bytes:
-            raise OSError(errno.EFBIG, _too_big(len(data), self.max_bytes, "more than"))
+            raise OSError(errno.EFBIG, too_big(len(data), self.max_bytes, "more than"))
         return data
 
 
@@ -162,7 +163,7 @@ def _bytes_item(value: Any, key: str, settings: InputSettings, kept: Mapping[str
         return BytesItem(key, None, kept, "the row's bytes_column is empty")
     max_bytes = int(settings.max_file_mb * 1_000_000)
     if len(value) > max_bytes:
-        return BytesItem(key, None, kept, _too_big(len(value), max_bytes))
+        return BytesItem(key, None, kept, too_big(len(value), max_bytes))
     return BytesItem(key, bytes(value), kept)
 
 
