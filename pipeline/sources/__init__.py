@@ -48,6 +48,8 @@ def kind_of(location: str, settings: InputSettings) -> str:
 
     if location.rstrip("/").lower().endswith(tuple(table.TABLE_SUFFIXES)):
         return "table"
+    if is_url(location):
+        open_fs(location, settings.storage_options)  # a missing extra is said of INPUT itself, not of a file in it
     if (is_url(location) or Path(location).is_dir()) and hf.is_saved_dataset(location, settings.storage_options):
         return "hf"
     if settings.path_column or settings.bytes_column:
