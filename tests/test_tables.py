@@ -655,3 +655,17 @@ def test_a_folder_of_datasets_parquet_shards_with_format_hf(server, folder_capti
     rows = read_rows(tmp_path / "out")
     assert _by_sha(rows) == folder_captions
     assert {r["image_path"]: r["name"] for r in rows} == {str(i): GOOD[i] for i in range(5)}
+
+
+@pytest.mark.parametrize("columns", [{"path_column": "p"}, {"path_column": "p", "key_column": "k"},
+                                     {"bytes_column": "b"}])
+def test_keys_lists_what_the_items_are_keyed_by_without_building_them(tmp_path, columns):
+    """The progress bar's total counts `keys()`: the same keys as the walk, from one column (a bytes
+    table's row numbers from the Parquet footers)."""
+    names = GOOD[:3]
+    pq.write_table(pa.table({"p": [str(SAMPLES / n) for n in names], "k": ["x", "y", "z"],
+                             "b": [(SAMPLES / n).read_bytes() for n in names]}), tmp_path / "t.parquet",
+                   row_group_size=2)
+    source = TableSource(tmp_path / "t.parquet", InputSettings(**columns))
+    assert list(source.keys()) == [item.key for item in source.items()]
+    assert source.batches_read == 2  # only the items' walk read batches of the image column

@@ -389,10 +389,11 @@ class _Counter(threading.Thread):
 
     def run(self) -> None:
         count = 0
-        for item in self._source.items():
+        keys = getattr(self._source, "keys", None)  # a source that can list its keys without its items
+        for key in keys() if keys is not None else (item.key for item in self._source.items()):
             if self._stop.is_set():
                 return
-            count += key_hash(item.key) not in self._done
+            count += key_hash(key) not in self._done
         self.todo = count
 
     def stop(self) -> None:
