@@ -21,7 +21,7 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from conftest import DEMO_JOB, ROOT, SAMPLES, read_rows
+from conftest import DEMO_JOB, ROOT, SAMPLES, read_rows, run_main
 from pipeline.errors import JobError
 from pipeline.job import InputSettings
 from pipeline.sources import open_source
@@ -444,3 +444,26 @@ def test_a_run_over_a_cut_shard_and_a_repeated_key_captions_the_rest_once(server
     assert sorted(r["image_path"] for r in rows) == ["000000", "000003", "000004", "000005"]
     assert all(r["status"] == "ok" for r in rows)
     assert caption_run(server, f"{pattern}::{again}", out) == 0 and len(read_rows(out)) == 4
+
+
+def test_kept_members_land_in_every_row_as_string_columns(server, tmp_path, write_job):
+    """keep_columns on shards: `txt` and `json` members and `__key__` in the Parquet rows (ok and bad
+    image alike), typed as kept_schema says, and in a jsonl export."""
+    samples = [_sample(0, "coffee_cup.jpg"), _sample(1, "chelsea_the_cat.jpg"),
+               {"__key__": "broken", "jpg": b"not a jpeg", "txt": "a broken one"}]
+    pattern = write_shards(tmp_path / "s", samples)
+    job = write_job(tmp_path / "job.toml", limits_max_attempts=2)
+    job.write_text(job.read_text() + '\n[input]\nkeep_columns = ["txt", "json", "__key__"]\n')
+    out = tmp_path / "out"
+    assert run_main("run", pattern, "--job", job, "--out", out, "--base-url", server.base_url, "--no-progress") == 1
+    (part,) = out.glob("part-*.parquet")
+    schema = pq.read_schema(part)
+    assert [schema.field(n).type for n in ("txt", "json", "__key__")] == [pa.string()] * 3
+    rows = {r["image_path"]: r for r in read_rows(out)}
+    assert rows["000000"]["txt"] == "caption 0" and json.loads(rows["000001"]["json"])["index"] == 1
+    assert rows["broken"]["status"] == "error" and rows["broken"]["txt"] == "a broken one"
+    assert {r["__key__"] for r in rows.values()} == set(rows)
+    assert run_main("export", out, "--to", "jsonl", "--dest", tmp_path / "e") in (0, 1)
+    (written,) = (tmp_path / "e").glob("*.jsonl")
+    exported = [json.loads(line) for line in written.read_text().splitlines()]
+    assert {(e["image_path"], e["txt"]) for e in exported} == {("000000", "caption 0"), ("000001", "caption 1")}
