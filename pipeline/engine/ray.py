@@ -176,6 +176,8 @@ class _ClusterRun:
         ticker = asyncio.create_task(self._tick())
         try:
             await asyncio.to_thread(self._consume, self._dataset())
+        except ray.exceptions.RayError as err:  # the cluster gave up (a task failed past its retries, ...)
+            self._fatal(f"the Ray cluster failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}")
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)

@@ -38,6 +38,8 @@ MAX_PERMITS_PER_CALL = 64
 """The most permits one request actor asks the budget for in one call."""
 REPORT_EVERY_S = 0.01
 """How long a request actor gathers releases and headers before it sends them (one call for many)."""
+RETRY_BUDGET_S = 1.0
+"""How long a request actor waits before it asks a budget that did not answer again."""
 PERMIT_TTL_MARGIN_S = 30.0
 """A permit out longer than the job's `timeout_s` plus this belongs to a sender that died."""
 
@@ -227,7 +229,13 @@ class PermitBroker:
             if not wants:
                 self._wants = []
                 continue
-            permits = await self._budget.acquire.remote([(w.tokens, w.fixed, w.model) for w in wants])
+            try:
+                permits = await self._budget.acquire.remote([(w.tokens, w.fixed, w.model) for w in wants])
+            except Exception as err:  # the budget actor lost and not back yet: ask again in a moment
+                log.warning("the rate budget did not answer (%s); asking again", type(err).__name__)
+                await asyncio.sleep(RETRY_BUDGET_S)
+                self._wanted.set()
+                continue
             if permits is None:
                 self._halt()
                 return
