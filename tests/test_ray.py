@@ -165,7 +165,7 @@ def _descendants(root: int, title: str) -> list[int]:
 
 
 def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_path, write_job, cli):
-    folder = _photos(tmp_path / "in", 24)
+    folder = _photos(tmp_path / "in", 40)
     server.set_latency(0.3)
     job = write_job(tmp_path / "job.toml", limits_concurrency=2)
     out = tmp_path / "out"
@@ -179,14 +179,15 @@ def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_pa
     deadline = time.monotonic() + 90
     while journalled() < 6 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert driver.poll() is None, driver.stderr.read().decode(errors="replace")[-2000:]  # mid-run
     driver.kill()  # kill -9, between two rows or in the middle of one
     driver.wait()
-    assert journalled() >= 6, driver.stderr.read().decode(errors="replace")[-2000:]
+    assert journalled() >= 6
 
     resumed = cli(*argv[3:])  # the same command, in this process this time
     assert resumed.code == 0, resumed.err[-2000:]
     assert "already done" in resumed.out and " 0 already done" not in resumed.out
-    assert _ok_rows_per_image(out) == {f"cat_{i:03d}.jpg": 1 for i in range(24)}
+    assert _ok_rows_per_image(out) == {f"cat_{i:03d}.jpg": 1 for i in range(40)}
 
 
 def test_a_request_actor_then_a_node_killed_mid_run_cost_no_image_and_no_second_ok_row(
