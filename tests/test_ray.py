@@ -164,8 +164,8 @@ def _descendants(root: int, title: str) -> list[int]:
     return [pid for pid, text in titles.items() if text.startswith(title) and below(pid)]
 
 
-def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_path, write_job):
-    folder = _photos(tmp_path / "in", 24)
+def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_path, write_job, cli):
+    folder = _photos(tmp_path / "in", 40)
     server.set_latency(0.3)
     job = write_job(tmp_path / "job.toml", limits_concurrency=2)
     out = tmp_path / "out"
@@ -179,14 +179,15 @@ def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_pa
     deadline = time.monotonic() + 90
     while journalled() < 6 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert driver.poll() is None, driver.stderr.read().decode(errors="replace")[-2000:]  # mid-run
     driver.kill()  # kill -9, between two rows or in the middle of one
     driver.wait()
-    assert journalled() >= 6, driver.stderr.read().decode(errors="replace")[-2000:]
+    assert journalled() >= 6
 
-    code = subprocess.run(argv, cwd=ROOT, env=cluster.env, capture_output=True, timeout=120)
-    assert code.returncode == 0, code.stderr.decode(errors="replace")[-2000:]
-    assert b"already done" in code.stdout and b" 0 already done" not in code.stdout
-    assert _ok_rows_per_image(out) == {f"cat_{i:03d}.jpg": 1 for i in range(24)}
+    resumed = cli(*argv[3:])  # the same command, in this process this time
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert "already done" in resumed.out and " 0 already done" not in resumed.out
+    assert _ok_rows_per_image(out) == {f"cat_{i:03d}.jpg": 1 for i in range(40)}
 
 
 def test_a_request_actor_then_a_node_killed_mid_run_cost_no_image_and_no_second_ok_row(
@@ -259,3 +260,22 @@ def test_try_acquire_gives_a_permit_only_when_one_may_go_now(in_flight, rpm, exp
         return limiter.try_acquire(10)
 
     assert (asyncio.run(scenario()) is not None) is expect
+
+
+def test_the_permits_of_a_request_actor_gone_silent_are_freed_for_the_others(monkeypatch):
+    from pipeline.engine import ray_budget
+    from pipeline.job import Limits
+
+    monkeypatch.setattr(ray_budget, "HEARTBEAT_S", 0.05)  # the reaper's beat, shortened for the test
+    monkeypatch.setattr(ray_budget, "SENDER_SILENCE_S", 0.3)
+
+    async def scenario():
+        budget = ray_budget.ClusterBudget(Limits(concurrency=2))
+        held = await budget.acquire("killed", [(10, 0, "m"), (10, 0, "m"), (10, 0, "m")])
+        assert len(held) == 2  # the in-flight limit: the third may not go
+        waiting = asyncio.ensure_future(budget.acquire("alive", [(10, 0, "m")]))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # "killed" is still within its silence allowance
+        return await asyncio.wait_for(waiting, 5)
+
+    assert len(asyncio.run(scenario())) == 1

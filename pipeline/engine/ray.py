@@ -176,6 +176,9 @@ class _ClusterRun:
         ticker = asyncio.create_task(self._tick())
         try:
             await asyncio.to_thread(self._consume, self._dataset())
+        except ray.exceptions.RayError as err:  # the cluster gave up (a task failed past its retries, ...)
+            first_line = (str(err).strip().splitlines() or [""])[0][:500]
+            self._fatal(f"the Ray cluster failed: {type(err).__name__}: {first_line}")
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)

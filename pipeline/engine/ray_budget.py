@@ -12,8 +12,10 @@ budget for all of them in one remote call (`ClusterBudget.acquire` waits for the
 further one that may go at once), so one round trip does not cost a request. What happened to each
 request (its release with the tokens really used, the rate-limit headers, a success, a 429) goes back
 in batches over a second channel, in order; a 429 waits for its answer (the refused request's own
-wait), with everything reported before it. Permits of a sender that died are freed by the budget
-after `permit_ttl_s` (longer than any one attempt may last).
+wait), with everything reported before it. Each broker also says it is alive every HEARTBEAT_S; the
+permits of one not heard of for SENDER_SILENCE_S (its process or node killed) are freed, so the
+in-flight limit is whole again within seconds, and any permit out longer than any attempt may last
+(`timeout_s` + PERMIT_TTL_MARGIN_S) is freed too, whoever holds it.
 
 No HTTP, no rows: the request actor (ray_stages.py) sends, the driver (ray.py) writes.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,12 @@ MAX_PERMITS_PER_CALL = 64
 """The most permits one request actor asks the budget for in one call."""
 REPORT_EVERY_S = 0.01
 """How long a request actor gathers releases and headers before it sends them (one call for many)."""
+HEARTBEAT_S = 1.0
+"""How often a request actor tells the budget it is alive."""
+SENDER_SILENCE_S = 5.0
+"""A request actor not heard of for this long died: the budget frees its permits."""
+RETRY_BUDGET_S = 1.0
+"""How long a request actor waits before it asks a budget that did not answer again."""
 PERMIT_TTL_MARGIN_S = 30.0
 """A permit out longer than the job's `timeout_s` plus this belongs to a sender that died."""
 
@@ -72,11 +82,14 @@ class ClusterBudget:
         self._permit_ttl_s = limits.timeout_s + PERMIT_TTL_MARGIN_S
         self._halted: str | None = None
         self._reaper: asyncio.Task | None = None
+        self._held: dict[str, dict[int, Permit]] = {}  # sender → its permits out, by seq
+        self._seen: dict[str, float] = {}  # sender → when it was last heard of (monotonic s)
 
-    async def acquire(self, wants: list[tuple[int, int, str]]) -> list[Permit] | None:
+    async def acquire(self, sender: str, wants: list[tuple[int, int, str]]) -> list[Permit] | None:
         """Permits for the first of `wants` ((tokens, fixed tokens, model) each) once it may go, and
         for as many of the next as may go at once, in order; None once the run is halted."""
         self._start_reaper()
+        self._seen[sender] = time.monotonic()
         if self._halted is not None:
             return None
         tokens, fixed, model = wants[0]
@@ -89,18 +102,26 @@ class ClusterBudget:
             if permit is None:
                 break
             permits.append(permit)
+        held = self._held.setdefault(sender, {})
+        held.update((permit.seq, permit) for permit in permits)
         return permits
 
-    async def report(self, events: list[tuple[Any, ...]]) -> list[float]:
+    async def heartbeat(self, sender: str) -> None:
+        """`sender` is alive (its permits are not to be freed)."""
+        self._seen[sender] = time.monotonic()
+
+    async def report(self, sender: str, events: list[tuple[Any, ...]]) -> list[float]:
         """Apply a request actor's events in order; the own waits of its 429s, in order.
 
         ("release", permit, used tokens or None), ("observe", RateInfo), ("success",),
         ("rate_limited", permit, RateLimitFacts).
         """
+        self._seen[sender] = time.monotonic()
         waits = []
         for event in events:
             kind = event[0]
             if kind == "release":
+                self._held.get(sender, {}).pop(event[1].seq, None)
                 self._limiter.release(event[1], used_tokens=event[2])
             elif kind == "observe":
                 self._limiter.observe(event[1])
@@ -128,8 +149,19 @@ class ClusterBudget:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def _reap(self) -> None:
+        """Every HEARTBEAT_S: free the permits of senders gone silent, and any permit out too long."""
         while True:
-            await asyncio.sleep(min(10.0, self._permit_ttl_s / 4))
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for sender, seen in list(self._seen.items()):
+                if now - seen > SENDER_SILENCE_S:
+                    del self._seen[sender]
+                    lost = self._held.pop(sender, {})
+                    for permit in lost.values():
+                        self._limiter.release(permit)
+                    if lost:
+                        log.warning("a request actor went silent (killed?): its %d request(s) in flight are "
+                                    "free again", len(lost))
             self._limiter.release_expired(self._permit_ttl_s)
 
 
@@ -155,7 +187,9 @@ class PermitBroker:
         self._events: list[tuple[Any, ...]] = []
         self._reported = asyncio.Event()
         self._waiters: list[asyncio.Future] = []  # one per queued 429 event, answered in order
-        self._tasks = [asyncio.ensure_future(self._acquire_loop()), asyncio.ensure_future(self._report_loop())]
+        self._id = uuid.uuid4().hex  # this sender, to the budget
+        self._tasks = [asyncio.ensure_future(self._acquire_loop()), asyncio.ensure_future(self._report_loop()),
+                       asyncio.ensure_future(self._heartbeat_loop())]
         self.halted = False
 
     async def permit(self, tokens: int, fixed: int, model: str) -> Permit:
@@ -204,7 +238,7 @@ class PermitBroker:
     async def _send(self, batch: tuple[list[tuple[Any, ...]], list[asyncio.Future]]) -> None:
         events, waiters = batch
         try:
-            waits = await self._budget.report.remote(events)
+            waits = await self._budget.report.remote(self._id, events)
         except Exception as err:  # the budget actor restarting: its fresh state does not need these
             log.warning("could not report to the rate budget (%s); carrying on", type(err).__name__)
             waits = [0.0] * len(waiters)
@@ -219,6 +253,11 @@ class PermitBroker:
             self._reported.clear()
             await self._send(self._take_events())
 
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            self._budget.heartbeat.remote(self._id)  # not awaited: a slow budget must not stall this loop
+
     async def _acquire_loop(self) -> None:
         while True:
             await self._wanted.wait()
@@ -227,7 +266,13 @@ class PermitBroker:
             if not wants:
                 self._wants = []
                 continue
-            permits = await self._budget.acquire.remote([(w.tokens, w.fixed, w.model) for w in wants])
+            try:
+                permits = await self._budget.acquire.remote(self._id, [(w.tokens, w.fixed, w.model) for w in wants])
+            except Exception as err:  # the budget actor lost and not back yet: ask again in a moment
+                log.warning("the rate budget did not answer (%s); asking again", type(err).__name__)
+                await asyncio.sleep(RETRY_BUDGET_S)
+                self._wanted.set()
+                continue
             if permits is None:
                 self._halt()
                 return

@@ -47,8 +47,10 @@ __all__ = ["BLOCK_KEYS", "KeyShards", "Requester", "Secrets", "prepare_batch", "
 
 log = logging.getLogger(__name__)
 
-BLOCK_KEYS = 32
-"""Items per block a read task yields: small, since each becomes a few encoded images downstream."""
+BLOCK_KEYS = 8
+"""Items per block a read task yields. Small: a block is what one task of each later stage takes, and
+its rows reach the driver when that task ends (Ray Data hands a task's output on in whole blocks), so
+this bounds how many answered images a kill of the driver can cost, and how jumpy progress is."""
 
 OUTPUT_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.binary()), ("fatal", pa.string())])
 """What the request stage hands the driver: the pickled row of each image, or (row null) why the run
