@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, SAMPLES, distinct_copies, latest_rows, read_rows, run_main
@@ -279,3 +281,20 @@ def test_the_permits_of_a_request_actor_gone_silent_are_freed_for_the_others(mon
         return await asyncio.wait_for(waiting, 5)
 
     assert len(asyncio.run(scenario())) == 1
+
+
+def test_a_table_with_keep_columns_runs_on_the_cluster_with_its_columns(cluster, server, tmp_path, write_job):
+    """A Parquet table as INPUT: the cluster's rows carry the kept columns with the input's types,
+    bad rows included, as an online run's do."""
+    folder = _photos(tmp_path / "in", 4)
+    (folder / "corrupt.jpg").write_bytes((SAMPLES / "corrupt.jpg").read_bytes())
+    names = sorted(p.name for p in folder.iterdir())
+    pq.write_table(pa.table({"file": [str(folder / n) for n in names], "id": list(range(len(names)))}),
+                   tmp_path / "t.parquet")
+    job = write_job(tmp_path / "job.toml", limits_max_attempts=2)
+    job.write_text(job.read_text() + '\n[input]\npath_column = "file"\nkeep_columns = ["id"]\n')
+    assert _ray_run(cluster, server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
+    rows = {r["image_path"]: r for r in read_rows(tmp_path / "out")}
+    assert {key: row["id"] for key, row in rows.items()} == {str(folder / n): i for i, n in enumerate(names)}
+    assert rows[str(folder / "corrupt.jpg")]["status"] == "error"
+    assert {pq.read_schema(p).field("id").type for p in (tmp_path / "out").glob("part-*.parquet")} == {pa.int64()}

@@ -76,8 +76,9 @@ async def run_ray(job: Job, input_path: str | Path, out: str | Path, *, api_key:
     ray = require("ray", "ray", what=RAY_WHAT)
     require("ray.data", "ray", what=RAY_WHAT)
     _check_job(job)
+    kept = open_source(input_path, job.input).kept_schema()  # keep_columns' types, as online mode records them
     store = Store.open(out, job_summary(job), part_rows=job.output.part_rows,
-                       part_seconds=job.output.part_seconds, allow_other_job=allow_job_change)
+                       part_seconds=job.output.part_seconds, allow_other_job=allow_job_change, kept_schema=kept)
     store.keep_out(api_key, *headers.values())
     try:
         if live := open_batch_chunks(store.out):

@@ -20,6 +20,7 @@ actor registers it for redaction before anything can log. Nothing here writes th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import pickle
@@ -39,7 +40,7 @@ from ..records import ChatResult, Result
 from ..redaction import keep_secret, redact
 from ..sources import open_source
 from ..store import HashSet, key_hash
-from .caption import Captioner, image_facts
+from .caption import Captioner, image_facts, item_facts
 from .ray_budget import BudgetHalted, PermitBroker
 from .retry import RetryPolicy
 
@@ -56,7 +57,8 @@ OUTPUT_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.binary()), ("fatal",
 """What the request stage hands the driver: the pickled row of each image, or (row null) why the run
 must stop (`fatal`), or neither (the image was not sent because the run is stopping)."""
 
-_PREPARED_SCHEMA = pa.schema([("key", pa.string()), ("encoded", pa.binary()), ("row", pa.binary())])
+_PREPARED_SCHEMA = pa.schema([("key", pa.string()), ("encoded", pa.binary()), ("row", pa.binary()),
+                              ("kept", pa.binary())])  # the item's keep_columns values, pickled (None: none)
 
 
 class Secrets:
@@ -152,17 +154,18 @@ def _read_shard(input_path: str, settings: InputSettings, done_ref: Any, shard: 
 
 def prepare_batch(batch: pa.Table, captioner: Captioner) -> pa.Table:
     """Read and encode each item of `batch`; an unreadable one gets its error row instead."""
-    keys, encoded, rows = [], [], []
+    keys, encoded, rows, kept = [], [], [], []
     for key, blob in zip(batch.column("key").to_pylist(), batch.column("item").to_pylist()):
         item = pickle.loads(blob)
         keys.append(key)
+        kept.append(pickle.dumps(dict(item.kept)) if item.kept else None)
         try:
             encoded.append(pickle.dumps(captioner.prepare(item)))
             rows.append(None)
         except BadImageError as err:
             encoded.append(None)
-            rows.append(pickle.dumps(captioner.error_row(key, {}, err, attempts=0)))
-    return pa.table({"key": keys, "encoded": encoded, "row": rows}, schema=_PREPARED_SCHEMA)
+            rows.append(pickle.dumps(captioner.error_row(key, item_facts(item), err, attempts=0)))
+    return pa.table({"key": keys, "encoded": encoded, "row": rows, "kept": kept}, schema=_PREPARED_SCHEMA)
 
 
 # --- request ---------------------------------------------------------------------------------------
@@ -198,12 +201,13 @@ class Requester:
     async def __call__(self, batch: pa.Table) -> pa.Table:
         self._open()
         keys = batch.column("key").to_pylist()
-        outcomes = await asyncio.gather(*(self._one(key, encoded, row) for key, encoded, row in zip(
-            keys, batch.column("encoded").to_pylist(), batch.column("row").to_pylist())))
+        outcomes = await asyncio.gather(*(self._one(key, encoded, row, kept) for key, encoded, row, kept in zip(
+            keys, batch.column("encoded").to_pylist(), batch.column("row").to_pylist(),
+            batch.column("kept").to_pylist())))
         return pa.table({"key": keys, "row": [row for row, _ in outcomes], "fatal": [why for _, why in outcomes]},
                         schema=OUTPUT_SCHEMA)
 
-    async def _one(self, key: str, encoded_blob: bytes | None, row_blob: bytes | None
+    async def _one(self, key: str, encoded_blob: bytes | None, row_blob: bytes | None, kept_blob: bytes | None
                    ) -> tuple[bytes | None, str | None]:
         """(pickled row, None), or (None, why the run must stop), or (None, None): not sent, no row."""
         if row_blob is not None:
@@ -220,6 +224,8 @@ class Requester:
             log.exception("internal error on %s", key)
             result = self._captioner.error_row(key, image_facts(encoded),
                                                InternalError(f"{type(err).__name__}: {err}"), attempts=0)
+        if kept_blob is not None:  # the row joins back to its input, as online rows do
+            result = dataclasses.replace(result, kept=pickle.loads(kept_blob))
         return pickle.dumps(result), None
 
     async def _send(self, request: HttpRequest, tokens: int) -> ChatResult:
