@@ -273,9 +273,21 @@ def test_the_permits_of_a_request_actor_gone_silent_are_freed_for_the_others(mon
         budget = ray_budget.ClusterBudget(Limits(concurrency=2))
         held = await budget.acquire("killed", [(10, 0, "m"), (10, 0, "m"), (10, 0, "m")])
         assert len(held) == 2  # the in-flight limit: the third may not go
+        stale = asyncio.ensure_future(budget.acquire("killed", [(10, 0, "m")]))  # outlives its caller, first in line
         waiting = asyncio.ensure_future(budget.acquire("alive", [(10, 0, "m")]))
+
+        async def beat():  # what the live actor's broker does
+            while True:
+                await budget.heartbeat("alive")
+                await asyncio.sleep(0.05)
+
+        beating = asyncio.ensure_future(beat())
         await asyncio.sleep(0.1)
         assert not waiting.done()  # "killed" is still within its silence allowance
-        return await asyncio.wait_for(waiting, 5)
+        try:
+            return await asyncio.wait_for(stale, 5), await asyncio.wait_for(waiting, 5)
+        finally:
+            beating.cancel()
 
-    assert len(asyncio.run(scenario())) == 1
+    stale, granted = asyncio.run(scenario())
+    assert stale == [] and len(granted) == 1  # the dead caller's late permit went back at once
