@@ -192,6 +192,23 @@ def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_pa
     assert _ok_rows_per_image(out) == {f"cat_{i:03d}.jpg": 1 for i in range(40)}
 
 
+def test_a_table_with_keep_columns_runs_on_the_cluster_with_its_columns(cluster, server, tmp_path, write_job):
+    """A Parquet table as INPUT: the cluster's rows carry the kept columns with the input's types,
+    bad rows included, as an online run's do."""
+    folder = _photos(tmp_path / "in", 4)
+    (folder / "corrupt.jpg").write_bytes((SAMPLES / "corrupt.jpg").read_bytes())
+    names = sorted(p.name for p in folder.iterdir())
+    pq.write_table(pa.table({"file": [str(folder / n) for n in names], "id": list(range(len(names)))}),
+                   tmp_path / "t.parquet")
+    job = write_job(tmp_path / "job.toml", limits_max_attempts=2)
+    job.write_text(job.read_text() + '\n[input]\npath_column = "file"\nkeep_columns = ["id"]\n')
+    assert _ray_run(cluster, server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
+    rows = {r["image_path"]: r for r in read_rows(tmp_path / "out")}
+    assert {key: row["id"] for key, row in rows.items()} == {str(folder / n): i for i, n in enumerate(names)}
+    assert rows[str(folder / "corrupt.jpg")]["status"] == "error"
+    assert {pq.read_schema(p).field("id").type for p in (tmp_path / "out").glob("part-*.parquet")} == {pa.int64()}
+
+
 def test_a_request_actor_then_a_node_killed_mid_run_cost_no_image_and_no_second_ok_row(
         cluster, server, tmp_path, write_job):
     """Last in the module: it takes the cluster's second node away."""
@@ -275,26 +292,21 @@ def test_the_permits_of_a_request_actor_gone_silent_are_freed_for_the_others(mon
         budget = ray_budget.ClusterBudget(Limits(concurrency=2))
         held = await budget.acquire("killed", [(10, 0, "m"), (10, 0, "m"), (10, 0, "m")])
         assert len(held) == 2  # the in-flight limit: the third may not go
+        stale = asyncio.ensure_future(budget.acquire("killed", [(10, 0, "m")]))  # outlives its caller, first in line
         waiting = asyncio.ensure_future(budget.acquire("alive", [(10, 0, "m")]))
+
+        async def beat():  # what the live actor's broker does
+            while True:
+                await budget.heartbeat("alive")
+                await asyncio.sleep(0.05)
+
+        beating = asyncio.ensure_future(beat())
         await asyncio.sleep(0.1)
         assert not waiting.done()  # "killed" is still within its silence allowance
-        return await asyncio.wait_for(waiting, 5)
+        try:
+            return await asyncio.wait_for(stale, 5), await asyncio.wait_for(waiting, 5)
+        finally:
+            beating.cancel()
 
-    assert len(asyncio.run(scenario())) == 1
-
-
-def test_a_table_with_keep_columns_runs_on_the_cluster_with_its_columns(cluster, server, tmp_path, write_job):
-    """A Parquet table as INPUT: the cluster's rows carry the kept columns with the input's types,
-    bad rows included, as an online run's do."""
-    folder = _photos(tmp_path / "in", 4)
-    (folder / "corrupt.jpg").write_bytes((SAMPLES / "corrupt.jpg").read_bytes())
-    names = sorted(p.name for p in folder.iterdir())
-    pq.write_table(pa.table({"file": [str(folder / n) for n in names], "id": list(range(len(names)))}),
-                   tmp_path / "t.parquet")
-    job = write_job(tmp_path / "job.toml", limits_max_attempts=2)
-    job.write_text(job.read_text() + '\n[input]\npath_column = "file"\nkeep_columns = ["id"]\n')
-    assert _ray_run(cluster, server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
-    rows = {r["image_path"]: r for r in read_rows(tmp_path / "out")}
-    assert {key: row["id"] for key, row in rows.items()} == {str(folder / n): i for i, n in enumerate(names)}
-    assert rows[str(folder / "corrupt.jpg")]["status"] == "error"
-    assert {pq.read_schema(p).field("id").type for p in (tmp_path / "out").glob("part-*.parquet")} == {pa.int64()}
+    stale, granted = asyncio.run(scenario())
+    assert stale == [] and len(granted) == 1  # the dead caller's late permit went back at once

@@ -193,7 +193,7 @@ class _ClusterRun:
     def _dataset(self):
         """The Ray Data pipeline: read shards → prepare → request actors (ray_stages.py)."""
         ray = self.ray
-        from .ray_stages import KeyShards, Requester, Secrets, prepare_batch
+        from .ray_stages import BLOCK_KEYS, KeyShards, Requester, Secrets, prepare_batch
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver shows its own (done/total, rate, 429s, spend)
@@ -202,10 +202,14 @@ class _ClusterRun:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         actors = self.job.engine.ray_actors or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
         request_batch = max(1, min(MAX_REQUEST_BATCH, math.ceil(self.job.limits.concurrency / actors)))
+        # Blocks an actor works on at once: enough for the job's concurrency and half again, no more.
+        # A block's rows reach the driver when all of them are answered, and blocks sharing too few
+        # permits would all end together at the end of the run.
+        blocks_per_actor = max(1, math.ceil(1.5 * self.job.limits.concurrency / (actors * BLOCK_KEYS)))
         preparer = Captioner(self.job, make_provider(self.job, self.base_url, api_key=None, headers={}))
         done_ref = ray.put(self.done)
-        log.info("Ray cluster: %d CPUs, %d read shards, %d request actors, %d images a request batch",
-                 cpus, cpus, actors, request_batch)
+        log.info("Ray cluster: %d CPUs, %d read shards, %d request actors, %d images a request batch, "
+                 "%d blocks an actor", cpus, cpus, actors, request_batch, blocks_per_actor)
         return (ray.data.read_datasource(KeyShards(self.input_path, self.job.input, done_ref, cpus),
                                          override_num_blocks=cpus)
                 .map_batches(prepare_batch, fn_kwargs={"captioner": preparer}, batch_size=PREPARE_BATCH,
@@ -213,7 +217,8 @@ class _ClusterRun:
                 .map_batches(Requester, fn_constructor_args=(self.job, self.base_url, Secrets(*self._secrets),
                                                              self._budget),
                              batch_size=request_batch, batch_format="pyarrow", num_cpus=0,
-                             compute=ray.data.ActorPoolStrategy(size=actors)))
+                             compute=ray.data.ActorPoolStrategy(size=actors,
+                                                                max_tasks_in_flight_per_actor=blocks_per_actor)))
 
     def _consume(self, dataset) -> None:
         """Take the rows as they come back and write them (in this thread), until the end or the stop."""

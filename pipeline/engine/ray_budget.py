@@ -84,19 +84,25 @@ class ClusterBudget:
         self._reaper: asyncio.Task | None = None
         self._held: dict[str, dict[int, Permit]] = {}  # sender → its permits out, by seq
         self._seen: dict[str, float] = {}  # sender → when it was last heard of (monotonic s)
+        self._reaped: dict[str, int] = {}  # sender → how often its permits were freed for its silence
 
     async def acquire(self, sender: str, wants: list[tuple[int, int, str]]) -> list[Permit] | None:
         """Permits for the first of `wants` ((tokens, fixed tokens, model) each) once it may go, and
-        for as many of the next as may go at once, in order; None once the run is halted."""
+        for as many of the next as may go at once, in order; None once the run is halted.
+
+        [] (ask again) when `sender` went silent while it waited: a call outlives the process that
+        made it, and the permits of a dead sender would never be released.
+        """
         self._start_reaper()
         self._seen[sender] = time.monotonic()
+        reaped = self._reaped.get(sender, 0)
         if self._halted is not None:
             return None
         tokens, fixed, model = wants[0]
         permits = [await self._limiter.acquire(tokens, fixed_tokens=fixed, model=model)]
-        if self._halted is not None:
+        if self._halted is not None or self._reaped.get(sender, 0) != reaped:
             self._limiter.release(permits[0])
-            return None
+            return None if self._halted is not None else []
         for tokens, fixed, model in wants[1:]:
             permit = self._limiter.try_acquire(tokens, fixed_tokens=fixed, model=model)
             if permit is None:
@@ -156,6 +162,7 @@ class ClusterBudget:
             for sender, seen in list(self._seen.items()):
                 if now - seen > SENDER_SILENCE_S:
                     del self._seen[sender]
+                    self._reaped[sender] = self._reaped.get(sender, 0) + 1
                     lost = self._held.pop(sender, {})
                     for permit in lost.values():
                         self._limiter.release(permit)
