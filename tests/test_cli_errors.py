@@ -85,7 +85,7 @@ def test_progress_shows_done_of_total_with_percent_on_a_terminal_and_in_log_line
     job = job_file(limits_concurrency=1)
     ran = cli("run", folder, "--job", job, "--out", tmp_path / "bar", "--base-url", server.base_url, "--progress")
     assert ran.code == 0 and "5/5" in ran.err and "100%" in ran.err
-    monkeypatch.setattr("pipeline.engine.online.LOG_EVERY_S", 0.0)  # a log line at every tick, not every 30 s
+    monkeypatch.setattr("pipeline.engine.progress.LOG_EVERY_S", 0.0)  # a log line at every tick, not every 30 s
     ran = cli("run", folder, "--job", job, "--out", tmp_path / "log", "--base-url", server.base_url, "--no-progress")
     lines = [line for line in ran.err.splitlines() if "progress:" in line]
     assert ran.code == 0 and lines and all("/5 (" in line and "img/s eta" in line for line in lines)

@@ -27,13 +27,10 @@ import itertools
 import logging
 import os
 import signal
-import sys
-import threading
 import time
 from pathlib import Path
 
 import aiohttp
-import tqdm
 from tenacity import RetryCallState
 
 from .. import cost
@@ -48,6 +45,7 @@ from ..store import HashSet, Store, key_hash, open_batch_chunks
 from .caption import Captioner, item_facts
 from .dedupe import Deduper, NearIndex
 from .local import bundled_endpoint
+from .progress import Counter, Progress
 from .retry import FailureStreak, RetryPolicy
 
 __all__ = ["run_online"]
@@ -56,7 +54,6 @@ log = logging.getLogger(__name__)
 
 WALK_BATCH = 256  # paths taken from the walker thread at a time
 TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
-LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
@@ -130,7 +127,12 @@ class _Run:
         self.abandon = asyncio.Event()
         self.gate = _Gate(captioner, self.limiter, self.stop, self.summary)
         self._images_left = self.image_workers
-        self._progress = _Progress(self, enabled=progress)
+        self._counter = Counter(source, done)
+        self._counter.start()
+        limiter = self.limiter
+        self._progress = Progress(self.summary, job, self._counter,
+                                  lambda: (limiter.rate_limited, limiter.in_flight, int(limiter.limit)),
+                                  enabled=progress)
         self._started = time.monotonic()
 
     def install_signal_handlers(self) -> None:
@@ -160,6 +162,7 @@ class _Run:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(self.store.close)
+            self._counter.stop()
             self._progress.close()
         self.summary.wall_s = time.monotonic() - self._started
         self.summary.rate_limited = self.limiter.rate_limited
@@ -374,82 +377,3 @@ class _Gate:
                   state.next_action.sleep if state.next_action else 0.0)
 
     # --- rows ------------------------------------------------------------------------------
-
-
-class _Counter(threading.Thread):
-    """Counts, in the background, the items of the source that this run has to do (not done yet):
-    the total the progress bar and the ETA need. A walk reads directory entries only, so a count is
-    cheap next to the run; it stops early when the run does (a daemon thread, never awaited)."""
-
-    def __init__(self, source, done: HashSet):
-        super().__init__(name="caption-quiet-count", daemon=True)  # its walk's log lines repeat the run's own
-        self._source, self._done = source, done
-        self.todo: int | None = None  # set once the count is complete
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        count = 0
-        keys = getattr(self._source, "keys", None)  # a source that can list its keys without its items
-        for key in keys() if keys is not None else (item.key for item in self._source.items()):
-            if self._stop.is_set():
-                return
-            count += key_hash(key) not in self._done
-        self.todo = count
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-class _Progress:
-    """A tqdm bar on a terminal; a log line every LOG_EVERY_S otherwise. Both say done/total, %, rate,
-    ETA and the spend so far (at the model's list price, when the price table knows it)."""
-
-    def __init__(self, run: _Run, *, enabled: bool | None):
-        self._run = run
-        tty = sys.stderr.isatty() if enabled is None else enabled
-        self._bar = tqdm.tqdm(unit="img", dynamic_ncols=True, file=sys.stderr) if tty else None
-        self._last_log = self._started = time.monotonic()
-        self._counter = _Counter(run.source, run.done)
-        self._counter.start()
-        self._price = _list_price(run.job)
-
-    def update(self) -> None:
-        run, summary = self._run, self._run.summary
-        done, total = summary.ok + summary.errors, self._counter.todo
-        stats = {"ok": summary.ok, "err": summary.errors, "retry": summary.retries,
-                 "429": run.limiter.rate_limited, "inflight": f"{run.limiter.in_flight}/{int(run.limiter.limit)}",
-                 "tok": summary.prompt_tokens + summary.completion_tokens}
-        if self._price is not None:
-            stats["usd"] = f"{cost.cost_usd(self._price, 'online', summary.prompt_tokens, summary.completion_tokens):.4f}"
-        if self._bar is not None:
-            if total is not None and self._bar.total != max(total, done):
-                self._bar.total = max(total, done)
-            self._bar.n = done
-            self._bar.set_postfix(stats, refresh=True)
-        elif time.monotonic() - self._last_log >= LOG_EVERY_S:
-            self._last_log = time.monotonic()
-            log.info("progress: %s %s", self._where(done, total), " ".join(f"{k}={v}" for k, v in stats.items()))
-
-    def _where(self, done: int, total: int | None) -> str:
-        """"120/1000 (12%) 3.1 img/s eta 4m44s", or "120 done, 3.1 img/s" before the count is complete."""
-        rate = done / max(time.monotonic() - self._started, 1e-9)
-        if total is None:
-            return f"{done} done, {rate:.1f} img/s"
-        total = max(total, done)
-        left_s = (total - done) / rate if rate > 0 else float("inf")
-        eta = "?" if left_s == float("inf") else tqdm.tqdm.format_interval(left_s)
-        return f"{done}/{total} ({100 * done / total if total else 100:.0f}%) {rate:.1f} img/s eta {eta}"
-
-    def close(self) -> None:
-        self._counter.stop()
-        if self._bar is not None:
-            self.update()
-            self._bar.close()
-
-
-def _list_price(job: Job):
-    """The job's model's price from the price table, or None (unknown model, unreadable price file)."""
-    try:
-        return cost.load_prices(job.cost.prices).find(job.endpoint.model)
-    except JobError:
-        return None

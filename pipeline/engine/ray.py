@@ -33,15 +33,12 @@ import logging
 import math
 import pickle
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import tqdm
 
-from .. import cost
 from ..errors import JobError
 from ..extras import require
 from ..job import Job, job_summary
@@ -51,6 +48,7 @@ from ..sources import open_source
 from ..store import HashSet, Store, key_hash, open_batch_chunks
 from .caption import Captioner
 from .local import bundled_endpoint
+from .progress import Counter, Progress
 from .retry import FailureStreak
 
 __all__ = ["run_ray", "RAY_WHAT"]
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 RAY_WHAT = "--engine ray"
 """What needs Ray, in the one-line error when it is not installed."""
 TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress is shown
-LOG_EVERY_S = 30.0  # progress line interval when stderr is not a terminal
 PREPARE_BATCH = 8  # images a prepare task encodes per batch
 MAX_REQUEST_BATCH = 64  # images a request actor takes per batch, at most
 
@@ -138,8 +135,8 @@ class _ClusterRun:
         self._lock = threading.Lock()  # the store is written from the consumer thread and the ticker
         self._gauge: dict[str, Any] = {}
         self._budget = None
-        self._counter = _Counter(open_source(input_path, job.input), done)
-        self._progress = _Progress(self, enabled=progress)
+        self._counter = Counter(open_source(input_path, job.input), done)
+        self._progress = Progress(self.summary, job, self._counter, self._gauge_now, enabled=progress)
         self._started = time.monotonic()
 
     def install_signal_handlers(self) -> None:
@@ -183,7 +180,7 @@ class _ClusterRun:
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
-            self._counter.stop()
+            self._counter.stop(wait_s=5.0)  # a small INPUT is counted by now ("already done"); a huge one given up
             await asyncio.to_thread(self._close)
         self.summary.wall_s = time.monotonic() - self._started
         self.summary.skipped = self._counter.skipped
@@ -276,6 +273,11 @@ class _ClusterRun:
             self.store.sync()
             self.store.roll_if_due()
 
+    def _gauge_now(self) -> tuple[int, int, int]:
+        """The budget actor's figures as last read: (429s, in flight, limit), cluster-wide."""
+        gauge = self._gauge
+        return gauge.get("rate_limited", 0), gauge.get("in_flight", 0), int(gauge.get("limit", 0))
+
     def _read_gauge(self) -> None:
         try:
             self._gauge = self.ray.get(self._budget.stats.remote(), timeout=5)
@@ -292,78 +294,3 @@ class _ClusterRun:
         with self._lock:
             self.store.close()
         self._progress.close()
-
-
-class _Counter(threading.Thread):
-    """Counts, in the background, the items of INPUT to do and those done already: the progress
-    bar's total and the summary's "already done". A walk of directory entries, on the driver."""
-
-    def __init__(self, source, done: HashSet):
-        super().__init__(name="caption-quiet-count", daemon=True)  # its walk's log lines repeat the readers'
-        self.source, self._done = source, done.fork()  # the run adds to `done`: count against what it was
-        self.todo: int | None = None
-        self.skipped = 0
-        self._given_up = threading.Event()  # not `_stop`: Thread has a method of that name
-
-    def run(self) -> None:
-        todo = skipped = 0
-        for item in self.source.items():
-            if self._given_up.is_set():
-                return
-            if key_hash(item.key) in self._done:
-                skipped += 1
-            else:
-                todo += 1
-        self.todo, self.skipped = todo, skipped
-
-    def stop(self) -> None:
-        if self.is_alive() and self.todo is None:
-            self.join(timeout=5.0)  # a small INPUT is counted by now; a huge one is given up on
-        self._given_up.set()
-
-
-class _Progress:
-    """As online mode's: a tqdm bar on a terminal, else a log line every LOG_EVERY_S, with done/total,
-    %, rate, ETA, ok / err / retries / 429s / in flight (cluster-wide) / tokens and the spend so far."""
-
-    def __init__(self, run: _ClusterRun, *, enabled: bool | None):
-        self._run = run
-        tty = sys.stderr.isatty() if enabled is None else enabled
-        self._bar = tqdm.tqdm(unit="img", dynamic_ncols=True, file=sys.stderr) if tty else None
-        self._last_log = self._started = time.monotonic()
-        try:
-            self._price = cost.load_prices(run.job.cost.prices).find(run.job.endpoint.model)
-        except JobError:
-            self._price = None
-
-    def update(self) -> None:
-        run, summary = self._run, self._run.summary
-        done, total, gauge = summary.ok + summary.errors, run._counter.todo, run._gauge
-        stats = {"ok": summary.ok, "err": summary.errors, "retry": summary.retries,
-                 "429": gauge.get("rate_limited", 0),
-                 "inflight": f"{gauge.get('in_flight', 0)}/{int(gauge.get('limit', 0))}",
-                 "tok": summary.prompt_tokens + summary.completion_tokens}
-        if self._price is not None:
-            stats["usd"] = f"{cost.cost_usd(self._price, 'online', summary.prompt_tokens, summary.completion_tokens):.4f}"
-        if self._bar is not None:
-            if total is not None and self._bar.total != max(total, done):
-                self._bar.total = max(total, done)
-            self._bar.n = done
-            self._bar.set_postfix(stats, refresh=True)
-        elif time.monotonic() - self._last_log >= LOG_EVERY_S:
-            self._last_log = time.monotonic()
-            log.info("progress: %s %s", self._where(done, total), " ".join(f"{k}={v}" for k, v in stats.items()))
-
-    def _where(self, done: int, total: int | None) -> str:
-        rate = done / max(time.monotonic() - self._started, 1e-9)
-        if total is None:
-            return f"{done} done, {rate:.1f} img/s"
-        total = max(total, done)
-        left_s = (total - done) / rate if rate > 0 else float("inf")
-        eta = "?" if left_s == float("inf") else tqdm.tqdm.format_interval(left_s)
-        return f"{done}/{total} ({100 * done / total if total else 100:.0f}%) {rate:.1f} img/s eta {eta}"
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self.update()
-            self._bar.close()
