@@ -9,6 +9,7 @@ The tests of the limiter's additions and of the one-line errors need no cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -175,8 +176,12 @@ def test_the_driver_killed_resumes_with_the_same_command(cluster, server, tmp_pa
             "--base-url", server.base_url, "--no-progress", "--engine", "ray", "--ray-address", cluster.address]
     driver = subprocess.Popen(argv, cwd=ROOT, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def journalled() -> int:
-        return sum(len(p.read_bytes().splitlines()) for p in out.glob("_journal-*.jsonl"))
+    def journalled() -> int:  # rows durable so far: journal lines, and those already rolled into parts
+        rows = sum(len(p.read_bytes().splitlines()) for p in out.glob("_journal-*.jsonl"))
+        for part in out.glob("part-*.parquet"):
+            with contextlib.suppress(OSError, pa.ArrowException):  # a part being renamed into place
+                rows += pq.ParquetFile(part).metadata.num_rows
+        return rows
 
     deadline = time.monotonic() + 90
     while journalled() < 6 and driver.poll() is None and time.monotonic() < deadline:
