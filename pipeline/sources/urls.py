@@ -114,6 +114,24 @@ def _slot(url: str, per_host: int) -> threading.BoundedSemaphore:
         return _slots.setdefault(((parts.hostname or "").lower(), port, per_host), threading.BoundedSemaphore(per_host))
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only. urllib's own handler also follows one to ftp://, and
+    refuses one to file:// with the target, query string and all, in its message."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        if not is_http_url(target):  # checked before urllib's own check, whose message names the target
+            fp.close()
+            raise FetchError(f"cannot download {shown_url(req.full_url)}: redirected to {shown_url(target)}, "
+                             "not an http(s) URL")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_opener = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 class _Retry(Exception):
     def __init__(self, reason: str, wait_s: float | None = None):
         super().__init__(reason)
@@ -149,7 +167,7 @@ def _get(url: str, deadline: float, *, limit: int | None, first: int | None) -> 
         headers["Range"] = f"bytes=0-{first - 1}"  # RFC 9110 §14.2; a server may ignore it and send all
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=min(_left(deadline), _IDLE_S)) as response:
+        with _opener.open(request, timeout=min(_left(deadline), _IDLE_S)) as response:
             size = response.headers.get("Content-Length", "")
             if limit is not None and size.isdigit() and int(size) > limit:
                 raise FetchError(f"{shown_url(url)} is {int(size) / 1e6:,.2f} MB, over the "
