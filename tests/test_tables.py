@@ -276,6 +276,18 @@ def test_send_url_sends_the_url_itself_and_reads_nothing(server, http_images, tm
     assert all(r["prompt_tokens"] > 0 for r in rows)  # the server counted the image it fetched
 
 
+def test_send_url_rows_never_keep_a_signed_urls_query_string(server, http_images, tmp_path, write_job):
+    """A provider that cannot fetch an image URL names it in its 400 (as OpenAI's "Error while
+    downloading <url>" does, and the bundled endpoint too): the row keeps the URL without its query."""
+    signed = f"{http_images}/missing.jpg?X-Amz-Credential=AKIASIGNED&X-Amz-Signature=SIGNEDSECRET"
+    pq.write_table(pa.table({"url": [signed], "id": ["a"]}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="url", key_column="id", send="url")
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
+    (row,) = read_rows(tmp_path / "out")
+    assert row["error_kind"] == "bad_request" and "/missing.jpg?…" in row["error"]
+    assert "SIGNED" not in row["error"]
+
+
 def test_send_url_is_refused_for_gemini(tmp_path, write_job):
     job = _job(tmp_path / "job.toml", write_job, path_column="url", send="url")
     pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"]}), tmp_path / "t.parquet")

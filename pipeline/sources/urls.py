@@ -27,6 +27,7 @@ import errno
 import http.client
 import io
 import random
+import re
 import socket
 import threading
 import time
@@ -40,7 +41,7 @@ from typing import Any, BinaryIO
 from ..errors import FetchError
 from ..job import InputSettings
 
-__all__ = ["UrlItem", "url_item", "is_http_url", "shown_url", "HEADER_BYTES"]
+__all__ = ["UrlItem", "url_item", "is_http_url", "shown_url", "shown_urls", "HEADER_BYTES"]
 
 HEADER_BYTES = 64 * 1024
 """What a ranged read asks for: enough for the size fields of every format the image stage reads."""
@@ -53,6 +54,8 @@ RFC 6585 (429 Too Many Requests)."""
 _BACKOFF_BASE_S, _BACKOFF_MAX_S = 0.5, 8.0
 _IDLE_S = 10.0
 """Longest wait for one read of the socket; the whole download is bounded by `fetch_timeout_s` too."""
+
+_URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
 
 _slots_lock = threading.Lock()
 _slots: dict[tuple[str, int, int], threading.BoundedSemaphore] = {}  # (host, port, per_host) → its slots
@@ -72,6 +75,12 @@ def shown_url(url: str) -> str:
         port = ""
     host = parts.hostname or ""  # user:password@ is dropped too
     return f"{parts.scheme}://{host}{port}{parts.path}" + ("?…" if parts.query or parts.fragment else "")
+
+
+def shown_urls(text: str) -> str:
+    """`text` with every http(s) URL in it as `shown_url` shows it: for a server's message that names
+    the URL it was sent (a provider's "Error while downloading <url>" with `send = "url"`)."""
+    return _URL.sub(lambda match: shown_url(match.group()), text)
 
 
 @dataclass(frozen=True, slots=True)
