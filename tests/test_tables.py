@@ -606,6 +606,20 @@ def test_parquet_table_on_s3_with_relative_s3_paths(server, s3_endpoint, folder_
     assert sorted((r["image_path"], r["id"]) for r in rows) == sorted((f"imgs/{n}", i) for i, n in enumerate(GOOD))
 
 
+@pytest.mark.parametrize("ids", [[10, 3, 11, None], ["a", "", "b", "c"]], ids=["null-beside-row-number", "empty"])
+def test_a_key_column_with_a_row_without_a_key_is_refused_naming_that_row(server, images, tmp_path, write_job,
+                                                                          cli, ids):
+    """A row with no key_column value fell back to its row number: a key that can be another row's id
+    (refused as "the same key" with no word of the empty value), or that changes when the table does."""
+    paths = [str(images / name) for name in GOOD[:4]]
+    pq.write_table(pa.table({"img": paths, "k": ids}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="img", key_column="k")
+    ran = cli("run", tmp_path / "t.parquet", "--job", job, "--out", tmp_path / "out", "--base-url", server.base_url)
+    row = ids.index(None if None in ids else "")
+    assert ran.code == 2 and f"row {row} has no value in 'k' ([input] key_column)" in ran.err
+    assert len(ran.err.strip().splitlines()) == 1 and not server.observed()
+
+
 @pytest.mark.parametrize("key_column", [None, "k"], ids=["path-twice", "key-twice"])
 def test_a_table_whose_rows_share_a_key_is_refused_before_anything_is_sent(server, images, tmp_path, write_job,
                                                                            cli, key_column):
