@@ -276,6 +276,18 @@ def test_send_url_sends_the_url_itself_and_reads_nothing(server, http_images, tm
     assert all(r["prompt_tokens"] > 0 for r in rows)  # the server counted the image it fetched
 
 
+def test_send_url_rows_never_keep_a_signed_urls_query_string(server, http_images, tmp_path, write_job):
+    """A provider that cannot fetch an image URL names it in its 400 (as OpenAI's "Error while
+    downloading <url>" does, and the bundled endpoint too): the row keeps the URL without its query."""
+    signed = f"{http_images}/missing.jpg?X-Amz-Credential=AKIASIGNED&X-Amz-Signature=SIGNEDSECRET"
+    pq.write_table(pa.table({"url": [signed], "id": ["a"]}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="url", key_column="id", send="url")
+    assert _run(server, tmp_path / "t.parquet", tmp_path / "out", job) == 1
+    (row,) = read_rows(tmp_path / "out")
+    assert row["error_kind"] == "bad_request" and "/missing.jpg?…" in row["error"]
+    assert "SIGNED" not in row["error"]
+
+
 def test_send_url_is_refused_for_gemini(tmp_path, write_job):
     job = _job(tmp_path / "job.toml", write_job, path_column="url", send="url")
     pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"]}), tmp_path / "t.parquet")
@@ -592,6 +604,20 @@ def test_parquet_table_on_s3_with_relative_s3_paths(server, s3_endpoint, folder_
     rows = read_rows(tmp_path / "out")
     assert _by_sha(rows) == folder_captions
     assert sorted((r["image_path"], r["id"]) for r in rows) == sorted((f"imgs/{n}", i) for i, n in enumerate(GOOD))
+
+
+@pytest.mark.parametrize("ids", [[10, 3, 11, None], ["a", "", "b", "c"]], ids=["null-beside-row-number", "empty"])
+def test_a_key_column_with_a_row_without_a_key_is_refused_naming_that_row(server, images, tmp_path, write_job,
+                                                                          cli, ids):
+    """A row with no key_column value fell back to its row number: a key that can be another row's id
+    (refused as "the same key" with no word of the empty value), or that changes when the table does."""
+    paths = [str(images / name) for name in GOOD[:4]]
+    pq.write_table(pa.table({"img": paths, "k": ids}), tmp_path / "t.parquet")
+    job = _job(tmp_path / "job.toml", write_job, path_column="img", key_column="k")
+    ran = cli("run", tmp_path / "t.parquet", "--job", job, "--out", tmp_path / "out", "--base-url", server.base_url)
+    row = ids.index(None if None in ids else "")
+    assert ran.code == 2 and f"row {row} has no value in 'k' ([input] key_column)" in ran.err
+    assert len(ran.err.strip().splitlines()) == 1 and not server.observed()
 
 
 @pytest.mark.parametrize("key_column", [None, "k"], ids=["path-twice", "key-twice"])

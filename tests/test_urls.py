@@ -101,6 +101,10 @@ def _handler(host: _ImageHost):
                 return None
             if path == "/teapot":
                 return self._send(418, b"no")
+            if path == "/to-file":  # a redirect off the web, its signature in the query string
+                return self._send(302, b"", {"Location": "file:///etc/passwd?sig=SIGNEDSECRET"})
+            if path == "/to-ftp":
+                return self._send(302, b"", {"Location": "ftp://127.0.0.1:9/a.jpg?sig=SIGNEDSECRET"})
             return self._send(404, b"not here")
 
     return Handler
@@ -205,6 +209,15 @@ def test_messages_never_show_a_query_string(image_host):
         _item(signed).read()
     assert "deadbeef" not in str(caught.value) and "AKIAEXAMPLE" not in str(caught.value)
     assert shown_url("https://h:8/a.jpg?sig=1#f") == "https://h:8/a.jpg?…"
+
+
+@pytest.mark.parametrize("path", ["/to-file", "/to-ftp"], ids=["file", "ftp"])
+def test_a_redirect_off_http_is_refused_without_its_query_string(image_host, path):
+    """urllib follows a redirect to ftp:// and names a refused file:// target whole, query string and all."""
+    host, base = image_host
+    with pytest.raises(FetchError, match=r"redirected to .*, not an http\(s\) URL") as caught:
+        _item(f"{base}{path}").read()
+    assert "SIGNEDSECRET" not in str(caught.value) and host.hits[path] == 1
 
 
 def test_url_item_takes_the_jobs_input_settings():

@@ -25,6 +25,7 @@ from ..job import ImageSettings, Job
 from ..providers import HttpRequest, Provider
 from ..records import ChatResult, Encoded, Result
 from ..sources import Item
+from ..sources.urls import shown_urls
 from . import answers
 
 __all__ = ["Captioner", "Send", "image_facts", "item_facts"]
@@ -176,9 +177,12 @@ class Captioner:
 
     def error_row(self, key: str, facts: dict[str, Any], err: CaptionError, *, attempts: int,
                   request_id: str | None = None) -> Result:
-        """The row of an image whose attempts ended in `err` (what an unusable answer was billed, kept)."""
+        """The row of an image whose attempts ended in `err` (what an unusable answer was billed, kept).
+
+        URLs in the message lose their query string: a provider that could not fetch a signed image
+        URL (`send = "url"`) names it whole, credential and all."""
         return self._row(key, facts, **answers.billed_fields(err), status="error", model=self.job.endpoint.model,
-                         error_kind=err.kind, error=str(err), attempts=attempts,
+                         error_kind=err.kind, error=shown_urls(str(err)), attempts=attempts,
                          request_id=err.request_id or request_id)
 
     def dedup_row(self, key: str, facts: dict[str, Any], original: Result | dict[str, Any],

@@ -368,6 +368,7 @@ class TableSource:
         self.batches_read = 0  # record batches read by walks so far (tests: the table is streamed)
         self.largest_batch = 0  # the most rows one of them held
         self._index: tuple[pa.UInt64Array, pa.UInt64Array] | None = None  # key hashes sorted, the row of each
+        self._keyless_row: int | None = None  # the first row with no key_column value, found by _build_index
         self._cursor: tuple[int, pa.RecordBatch | None, Iterator | None] = (0, None, None)
         self._said_relative = False
 
@@ -463,6 +464,9 @@ class TableSource:
             return None
         if self._index is None:
             self._index = self._build_index()
+        if self._keyless_row is not None:  # its row-number key could be another row's id, and moves with the table
+            return (f"row {self._keyless_row} has no value in {self.settings.key_column!r} ([input] key_column); "
+                    "give every row a key, or leave key_column unset")
         ordered, order = self._index
         if len(ordered) < 2:
             return None
@@ -532,6 +536,8 @@ class TableSource:
         chunks = []
         for start, batch in self._reader.batches([column], PATH_BATCH_ROWS):
             values = batch.column(0).to_pylist()
+            if self.settings.key_column and self._keyless_row is None:
+                self._keyless_row = next((start + i for i, v in enumerate(values) if v is None or v == ""), None)
             chunks.append(pa.array([_hash(_key(start + i, v)) for i, v in enumerate(values)], pa.uint64()))
         hashes = pa.concat_arrays(chunks) if chunks else pa.array([], pa.uint64())
         order = pc.sort_indices(hashes)  # a UInt64Array of row numbers

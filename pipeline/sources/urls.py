@@ -27,6 +27,7 @@ import errno
 import http.client
 import io
 import random
+import re
 import socket
 import threading
 import time
@@ -40,7 +41,7 @@ from typing import Any, BinaryIO
 from ..errors import FetchError
 from ..job import InputSettings
 
-__all__ = ["UrlItem", "url_item", "is_http_url", "shown_url", "HEADER_BYTES"]
+__all__ = ["UrlItem", "url_item", "is_http_url", "shown_url", "shown_urls", "HEADER_BYTES"]
 
 HEADER_BYTES = 64 * 1024
 """What a ranged read asks for: enough for the size fields of every format the image stage reads."""
@@ -53,6 +54,8 @@ RFC 6585 (429 Too Many Requests)."""
 _BACKOFF_BASE_S, _BACKOFF_MAX_S = 0.5, 8.0
 _IDLE_S = 10.0
 """Longest wait for one read of the socket; the whole download is bounded by `fetch_timeout_s` too."""
+
+_URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
 
 _slots_lock = threading.Lock()
 _slots: dict[tuple[str, int, int], threading.BoundedSemaphore] = {}  # (host, port, per_host) → its slots
@@ -72,6 +75,12 @@ def shown_url(url: str) -> str:
         port = ""
     host = parts.hostname or ""  # user:password@ is dropped too
     return f"{parts.scheme}://{host}{port}{parts.path}" + ("?…" if parts.query or parts.fragment else "")
+
+
+def shown_urls(text: str) -> str:
+    """`text` with every http(s) URL in it as `shown_url` shows it: for a server's message that names
+    the URL it was sent (a provider's "Error while downloading <url>" with `send = "url"`)."""
+    return _URL.sub(lambda match: shown_url(match.group()), text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,24 @@ def _slot(url: str, per_host: int) -> threading.BoundedSemaphore:
         return _slots.setdefault(((parts.hostname or "").lower(), port, per_host), threading.BoundedSemaphore(per_host))
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only. urllib's own handler also follows one to ftp://, and
+    refuses one to file:// with the target, query string and all, in its message."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        if not is_http_url(target):  # checked before urllib's own check, whose message names the target
+            fp.close()
+            raise FetchError(f"cannot download {shown_url(req.full_url)}: redirected to {shown_url(target)}, "
+                             "not an http(s) URL")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+_opener = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 class _Retry(Exception):
     def __init__(self, reason: str, wait_s: float | None = None):
         super().__init__(reason)
@@ -149,7 +176,7 @@ def _get(url: str, deadline: float, *, limit: int | None, first: int | None) -> 
         headers["Range"] = f"bytes=0-{first - 1}"  # RFC 9110 §14.2; a server may ignore it and send all
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=min(_left(deadline), _IDLE_S)) as response:
+        with _opener.open(request, timeout=min(_left(deadline), _IDLE_S)) as response:
             size = response.headers.get("Content-Length", "")
             if limit is not None and size.isdigit() and int(size) > limit:
                 raise FetchError(f"{shown_url(url)} is {int(size) / 1e6:,.2f} MB, over the "
