@@ -794,4 +794,6 @@ def test_an_empty_rpm_bucket_is_met_by_the_slow_start_not_a_burst(server, tmp_pa
     server.rate_limit(rpm=600, start_empty=True)  # another client just used it: 10 a second from now on
     seen = _run(server, tmp_path, capsys, 30, "--concurrency", "64")
     # the bucket holds about what refilled while caption started (~1 s: 10 requests), far below 64
-    assert sum(o.status == 429 for o in seen) <= INITIAL_CONCURRENCY // 2  # not a burst of 64 into it
+    # not a burst of 64 into it (that would be ~50 429s); at most the first round of the slow start,
+    # which a loaded machine may send a little later, into a bucket that refilled a little less
+    assert sum(o.status == 429 for o in seen) < INITIAL_CONCURRENCY
