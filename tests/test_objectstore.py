@@ -33,9 +33,6 @@ from pipeline.sources import input_problem, open_source  # noqa: E402
 from pipeline.sources import objectstore  # noqa: E402
 from pipeline.sources.objectstore import HEADER_BLOCK_BYTES, is_transient  # noqa: E402
 
-FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1"}
-"""moto accepts any credentials; these keep s3fs from looking for real ones (or an instance profile)."""
 
 # A folder with a subfolder, a hidden file, a hidden folder and a file that is not an image.
 TREE = {"coffee_cup.jpg": "coffee_cup.jpg", "chelsea_the_cat.jpg": "chelsea_the_cat.jpg",
@@ -45,24 +42,6 @@ TREE = {"coffee_cup.jpg": "coffee_cup.jpg", "chelsea_the_cat.jpg": "chelsea_the_
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 and a free port for this module; fake credentials in the environment."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in FAKE_CREDENTIALS.items():
-            env.setenv(name, value)
-        env.delenv("AWS_ENDPOINT_URL", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
 
 
 @pytest.fixture

@@ -550,29 +550,6 @@ def test_items_pickle_and_read_in_another_process_without_open_files(images, tmp
 # --- a table on an object store (moto's S3 server on loopback, through s3fs) -----------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 and a free port; fake credentials in the environment."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            env.setenv(name, value)
-        env.delenv("AWS_ENDPOINT_URL", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
 @pytest.mark.parametrize("layout", ["file", "shards"])
 def test_parquet_table_on_s3_with_relative_s3_paths(server, s3_endpoint, folder_captions, tmp_path, write_job, layout):
     import s3fs

@@ -387,24 +387,15 @@ def test_local_shards_need_neither_webdataset_nor_fsspec(shards):
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch):
+def s3_bucket(s3_endpoint):
     """A bucket on a real S3-compatible server on loopback (moto in server mode); its storage_options."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
     import s3fs
 
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("shards-bucket")
     yield fs, options
     s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_shards_on_s3_read_as_local_ones_do(s3_bucket, shards, tmp_path):
