@@ -256,3 +256,16 @@ def s3_endpoint():
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+def durable_rows(out: Path) -> list[dict]:
+    """Rows on disk now: the parts' rows plus the journals' whole lines (what the next run recovers;
+    a torn last line is dropped there and asked again). For kill -9 tests."""
+    rows = [r for part in sorted(Path(out).glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
+    for journal in sorted(Path(out).glob("_journal-*.jsonl")):
+        for line in journal.read_bytes().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a torn last line
+    return rows

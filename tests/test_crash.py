@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_JOB, ROOT, distinct_copies, read_rows
+from conftest import DEMO_JOB, ROOT, distinct_copies, durable_rows, read_rows
 
 IMAGES = 40
 
@@ -21,18 +19,6 @@ IMAGES = 40
 @pytest.fixture
 def folder(tmp_path) -> Path:
     return distinct_copies(tmp_path / "in", "coffee_cup.jpg", [f"{i:03d}.jpg" for i in range(IMAGES)])  # no dedupe
-
-
-def _durable_rows(out: Path) -> list[dict]:
-    """Rows on disk now: parts plus whole journal lines (what the next run will recover)."""
-    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
-    for journal in sorted(out.glob("_journal-*.jsonl")):
-        for line in journal.read_bytes().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass  # a torn last line
-    return rows
 
 
 def _start(folder: Path, out: Path, server) -> subprocess.Popen:
@@ -44,7 +30,7 @@ def _start(folder: Path, out: Path, server) -> subprocess.Popen:
 
 def _wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(_durable_rows(out)) < count:
+    while len(durable_rows(out)) < count:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)
@@ -58,7 +44,7 @@ def test_sigkill_then_rerun_loses_nothing_and_duplicates_nothing(server, folder,
     _wait_for_rows(out, kill_after, process)
     process.kill()
     process.wait()
-    before = _durable_rows(out)
+    before = durable_rows(out)
     sent_before = len(server.observed())
     assert cli("run", folder, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url, "--no-progress").code == 0
     rows = read_rows(out)

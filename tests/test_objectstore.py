@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_JOB, ROOT, SAMPLES, distinct_copies, read_rows
+from conftest import DEMO_JOB, ROOT, SAMPLES, distinct_copies, durable_rows, read_rows
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -170,13 +170,13 @@ def test_kill_9_mid_run_then_resume_gives_one_ok_row_per_object(server, bucket, 
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 60
-    while _durable_rows(out) < 8:  # well into the run: a part written, requests in flight
+    while len(durable_rows(out)) < 8:  # well into the run: a part written, requests in flight
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)
     process.kill()
     process.wait()
-    before, sent_before = _durable_rows(out), len(server.observed())
+    before, sent_before = len(durable_rows(out)), len(server.observed())
     assert before < count  # killed mid-run
     assert cli("run", url, "--job", job, "--out", out, "--base-url", server.base_url, "--no-progress").code == 0
     ok = sorted(row["image_path"] for row in read_rows(out) if row["status"] == "ok")
@@ -184,21 +184,6 @@ def test_kill_9_mid_run_then_resume_gives_one_ok_row_per_object(server, bucket, 
     # The rerun asked for each image without a row and no other (a request the dying run had written
     # may reach the server just after it was counted: at most the 4 in flight).
     assert count - before <= len(server.observed()) - sent_before <= count - before + 4
-
-
-def _durable_rows(out: Path) -> int:
-    """Rows on disk now: the parts' rows plus the journals' whole lines (what a rerun recovers)."""
-    import pyarrow.parquet as pq
-
-    rows = sum(pq.read_metadata(part).num_rows for part in out.glob("part-*.parquet"))
-    for journal in out.glob("_journal-*.jsonl"):
-        for line in journal.read_bytes().splitlines():
-            try:
-                json.loads(line)
-                rows += 1
-            except ValueError:
-                pass  # a torn last line: the rerun drops it and asks again
-    return rows
 
 
 def test_identical_objects_are_sent_once(server, bucket, s3_job, tmp_path, cli):

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SAMPLES, copy_samples, distinct_copies, read_rows, run_main
+from conftest import ROOT, SAMPLES, copy_samples, distinct_copies, durable_rows, read_rows, run_main
 
 from pipeline.readers.review import write_review
 from pipeline.sources import open_source
@@ -315,7 +315,7 @@ def test_kill9_then_resume_a_table_gives_one_ok_row_per_key(server, tmp_path, wr
     finally:
         process.kill()
         process.wait()
-    before = _durable_rows(out)
+    before = len(durable_rows(out))
     server.set_latency(0)
     assert _run(server, tmp_path / "t.parquet", out, job) == 0
     rows = read_rows(out)
@@ -325,17 +325,11 @@ def test_kill9_then_resume_a_table_gives_one_ok_row_per_key(server, tmp_path, wr
     assert all(r["n"] == int(r["image_path"]) for r in rows)
 
 
-def _durable_rows(out: Path) -> int:
-    """Rows on disk now: in parts, and whole journal lines (what the next run recovers)."""
-    rows = sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet"))
-    return rows + sum(j.read_bytes().count(b"\n") for j in out.glob("_journal-*.jsonl"))
-
-
 def _wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s
-    while not out.is_dir() or _durable_rows(out) < count:
+    while not out.is_dir() or len(durable_rows(out)) < count:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)

@@ -21,7 +21,7 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from conftest import DEMO_JOB, ROOT, SAMPLES, read_rows, run_main
+from conftest import DEMO_JOB, ROOT, SAMPLES, durable_rows, read_rows, run_main
 from pipeline.errors import JobError
 from pipeline.job import InputSettings
 from pipeline.sources import open_source
@@ -297,17 +297,6 @@ def _start(pattern: str, out: Path, server) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _durable_rows(out: Path) -> list[dict]:
-    rows = [r for part in sorted(out.glob("part-*.parquet")) for r in pq.read_table(part).to_pylist()]
-    for journal in sorted(out.glob("_journal-*.jsonl")):
-        for line in journal.read_bytes().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass  # a torn last line
-    return rows
-
-
 def test_sigkill_then_rerun_gives_one_ok_row_per_sample(server, tmp_path, cli):
     data = (SAMPLES / "coffee_cup.jpg").read_bytes()
     samples = [{"__key__": f"{i:06d}", "jpg": data + f"copy {i}".encode(), "txt": str(i)} for i in range(30)]
@@ -316,13 +305,13 @@ def test_sigkill_then_rerun_gives_one_ok_row_per_sample(server, tmp_path, cli):
     server.set_latency(0.05)
     process = _start(pattern, out, server)
     deadline = time.monotonic() + 60
-    while len(_durable_rows(out)) < 10:
+    while len(durable_rows(out)) < 10:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)
     process.kill()
     process.wait()
-    before = _durable_rows(out)
+    before = durable_rows(out)
     assert cli("run", pattern, "--job", DEMO_JOB, "--out", out, "--base-url", server.base_url,
                "--no-progress").code == 0
     rows = read_rows(out)
