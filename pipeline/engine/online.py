@@ -22,6 +22,7 @@ Shutdown order (Ctrl-C, SIGTERM, or a fatal provider error):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import itertools
 import logging
@@ -57,7 +58,10 @@ TICK_S = 1.0  # how often the journal is fsynced, parts are rolled and progress 
 _DONE = object()  # queue sentinel: one per consumer (3.11 has no Queue.shutdown)
 
 
-REMOTE_READ_WORKERS = 32
+COUNT_AFTER_S = 3.0
+"""The progress bar's count starts at the first row, or this long after the run's start if no row came."""
+
+REMOTE_READ_WORKERS = 16
 """Image threads at most when reading an item waits on the network (a table of URLs): each holds one
 download (bounded by max_file_mb) or one decode; per-host limits are the source's (`fetch_per_host`)."""
 
@@ -127,8 +131,7 @@ class _Run:
         self.abandon = asyncio.Event()
         self.gate = _Gate(captioner, self.limiter, self.stop, self.summary)
         self._images_left = self.image_workers
-        self._counter = Counter(source, done)
-        self._counter.start()
+        self._counter = Counter(source, done)  # started by the first row, or at COUNT_AFTER_S (`_start_count`)
         limiter = self.limiter
         self._progress = Progress(self.summary, job, self._counter,
                                   lambda: (limiter.rate_limited, limiter.in_flight, int(limiter.limit)),
@@ -276,7 +279,16 @@ class _Run:
                                                                                           distance),
             dhash=encoded.dhash)
 
+    def _start_count(self) -> None:
+        """Start the background count once the run is under way: at its first row, or COUNT_AFTER_S
+        after its start, so that the count (a pass over all of INPUT) does not hold back the first
+        requests (a million-row table's key column is some 0.5 s of the interpreter's time)."""
+        if not self._counter.is_alive() and self._counter.todo is None and not self.stop.is_set():
+            with contextlib.suppress(RuntimeError):  # started already (threads start once)
+                self._counter.start()
+
     def _record(self, result: Result) -> None:
+        self._start_count()
         self.store.append(result)
         self.summary.count(result)
         if result.status != "ok":
@@ -290,6 +302,8 @@ class _Run:
         """Every TICK_S: fsync the journal, roll a due part, refresh progress."""
         while True:
             await asyncio.sleep(TICK_S)
+            if time.monotonic() - self._started >= COUNT_AFTER_S:
+                self._start_count()
             try:
                 await asyncio.to_thread(self.store.sync)
                 if self.store.should_rotate() and (segment := self.store.rotate()) is not None:
