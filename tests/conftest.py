@@ -269,3 +269,17 @@ def durable_rows(out: Path) -> list[dict]:
             except ValueError:
                 pass  # a torn last line
     return rows
+
+
+GEMINI_TEST_KEY = "AIza-test"
+"""The key a Gemini test's keyed bundled endpoint takes (`LocalServer(api_key=GEMINI_TEST_KEY)`)."""
+
+
+def gemini_client(server, key: str = GEMINI_TEST_KEY):
+    """The official google-genai client pointed at a bundled endpoint, no retries: what the SDK parses."""
+    from google import genai
+    from google.genai import types
+
+    options = types.HttpOptions(base_url=server.base_url.removesuffix("/v1"), api_version="v1beta",
+                                retry_options=types.HttpRetryOptions(attempts=1))
+    return genai.Client(api_key=key, http_options=options)

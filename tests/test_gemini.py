@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from conftest import ROOT, SAMPLES, copy_samples, read_rows
+from conftest import GEMINI_TEST_KEY, ROOT, SAMPLES, copy_samples, gemini_client, read_rows
 from pipeline.errors import AuthError, BadOutputError, BadRequestError, ModelNotFoundError, QuotaError, \
     RateLimitError, TransientError
 from pipeline.job import Job, load_job
@@ -287,18 +286,12 @@ def test_a_per_day_quota_stops_the_run_saying_when_it_resets(server, folder, tmp
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    with LocalServer(api_key="AIza-test") as server:
+    with LocalServer(api_key=GEMINI_TEST_KEY) as server:
         yield server
 
 
-def _client(server: LocalServer, key: str = "AIza-test") -> genai.Client:
-    options = types.HttpOptions(base_url=server.base_url.removesuffix("/v1"), api_version="v1beta",
-                                retry_options=types.HttpRetryOptions(attempts=1))
-    return genai.Client(api_key=key, http_options=options)
-
-
 def test_the_sdk_parses_responses_streams_and_errors(keyed_server):
-    client = _client(keyed_server)
+    client = gemini_client(keyed_server)
     contents = [types.Part.from_bytes(data=(SAMPLES / "coffee_cup.jpg").read_bytes(), mime_type="image/jpeg"),
                 "Describe this image."]
     config = types.GenerateContentConfig(max_output_tokens=100, system_instruction="Be brief.")
@@ -308,7 +301,7 @@ def test_the_sdk_parses_responses_streams_and_errors(keyed_server):
     chunks = list(client.models.generate_content_stream(model=MODEL, contents=contents, config=config))
     assert len(chunks) > 1 and "".join(c.text or "" for c in chunks) == response.text
     assert chunks[-1].usage_metadata.candidates_token_count == response.usage_metadata.candidates_token_count
-    wrong = _client(keyed_server, "wrong")  # held: a client the SDK sees dropped closes its connections
+    wrong = gemini_client(keyed_server, "wrong")  # held: a client the SDK sees dropped closes its connections
     with pytest.raises(genai_errors.ClientError, match="API key not valid"):
         wrong.models.generate_content(model=MODEL, contents=contents)
     keyed_server.fail_next("429", retry_after_s=3)

@@ -18,7 +18,7 @@ import pytest
 from google import genai
 from google.genai import types
 
-from conftest import ROOT, SAMPLES, copy_samples, read_rows
+from conftest import GEMINI_TEST_KEY, ROOT, SAMPLES, copy_samples, gemini_client, read_rows
 from pipeline.engine.batch import CRASH_ENV
 from pipeline.errors import BadOutputError, BadRequestError, QuotaError, RateLimitError, TransientError
 from pipeline.job import Job
@@ -274,7 +274,7 @@ def test_prepared_requests_run_by_hand_through_the_sdk_are_ingested_into_rows(se
     assert cli("batch", "prepare", folder, "--job", gemini_job, "--dest", dest).code == 0
     (requests,) = sorted(dest.glob("requests-*[0-9].jsonl"))
     assert sorted(json.loads(line)["key"] for line in requests.read_text().splitlines()) == sorted(GOOD)
-    client = _client(server)  # the way a user would run them by hand
+    client = gemini_client(server)  # the way a user would run them by hand
     uploaded = client.files.upload(file=requests, config={"mime_type": "application/jsonl"})
     job = _ended(client, client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "by hand"}).name)
     results = tmp_path / "results.jsonl"
@@ -290,14 +290,8 @@ def test_prepared_requests_run_by_hand_through_the_sdk_are_ingested_into_rows(se
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    with LocalServer(api_key="AIza-test") as server:
+    with LocalServer(api_key=GEMINI_TEST_KEY) as server:
         yield server
-
-
-def _client(server: LocalServer, key: str = "AIza-test") -> genai.Client:
-    options = types.HttpOptions(base_url=server.base_url.removesuffix("/v1"), api_version="v1beta",
-                                retry_options=types.HttpRetryOptions(attempts=1))
-    return genai.Client(api_key=key, http_options=options)
 
 
 def _request(mime: str = "image/jpeg", data: bytes | None = None) -> dict:
@@ -316,7 +310,7 @@ def _ended(client: genai.Client, name: str) -> types.BatchJob:
 
 
 def test_the_sdk_uploads_creates_gets_lists_cancels_and_downloads(keyed_server):
-    client = _client(keyed_server)
+    client = gemini_client(keyed_server)
     lines = (json.dumps({"key": "one", "request": _request()}) + "\n"
              + json.dumps({"key": "two", "request": _request("image/png", b"not")}) + "\n").encode()
     uploaded = client.files.upload(file=io.BytesIO(lines), config={"mime_type": "application/jsonl",
