@@ -64,23 +64,29 @@ class FileItem:
         return data
 
     def open(self) -> BinaryIO:
-        """The file opened for reading, after checking it is a regular file within `max_bytes`.
+        """The file opened for reading, after checking it is a regular file within `max_bytes`
+        (`open_regular`). Raises OSError."""
+        return open_regular(self.path, self.max_bytes)
 
-        `stat` first, so that a FIFO or device is never opened; then a non-blocking open and
-        `fstat` of what was opened, in case the name was swapped since. Raises OSError.
-        """
-        _check_regular(os.stat(self.path).st_mode)
-        fd = os.open(self.path, _OPEN_FLAGS)
-        try:
-            info = os.fstat(fd)
-            _check_regular(info.st_mode)
-            if self.max_bytes is not None and info.st_size > self.max_bytes:
-                raise OSError(errno.EFBIG, too_big(info.st_size, self.max_bytes))
-            os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None = None) -> BinaryIO:
+    """`path` opened for reading when it is a regular file (of at most `max_bytes`, when given).
+
+    `stat` first, so that a FIFO or device is never opened; then a non-blocking open and `fstat` of
+    what was opened, in case the name was swapped since. Raises OSError.
+    """
+    _check_regular(os.stat(path).st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        info = os.fstat(fd)
+        _check_regular(info.st_mode)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, too_big(info.st_size, max_bytes))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_regular(mode: int) -> None:

@@ -48,7 +48,6 @@ import lzma
 import os
 import posixpath
 import re
-import stat
 import tarfile
 import threading
 import zlib
@@ -62,7 +61,7 @@ import pyarrow as pa
 
 from ..errors import JobError
 from ..job import InputSettings
-from .folder import escape_key, image_extensions
+from .folder import escape_key, image_extensions, open_regular
 from .fs import is_url, open_fs
 
 __all__ = ["SHARD_SUFFIXES", "ShardItem", "WebDatasetSource", "expand_braces", "looks_like_shards",
@@ -253,15 +252,7 @@ def _open_raw(location: str, storage_options: Mapping[str, Any]) -> BinaryIO:
     if is_url(location):
         fs, path = open_fs(location, dict(storage_options))
         return fs.open(path, "rb")
-    fd = os.open(location, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file; not read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return open_regular(location)
 
 
 def _open_tar_stream(raw: BinaryIO) -> BinaryIO:
