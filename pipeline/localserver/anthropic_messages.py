@@ -200,19 +200,9 @@ def _image(block: dict[str, Any], where: str) -> tuple[str, tuple[int, int], Any
                        f"{MAX_IMAGE_BASE64} bytes")
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.format not in MEDIA_TYPES[mime]:
-                raise _invalid(f"{where}.source.base64: Image does not match the provided media type {mime}")
-            if max(img.size) > MAX_SIDE_PX:
-                raise _invalid(f"{where}.source.base64.data: At least one of the image dimensions exceed max "
-                               f"allowed size: {MAX_SIDE_PX} pixels")
-            return mime, img.size, make_thumb(img)
-    except ParamsError:
-        raise
     except (binascii.Error, ValueError):
         raise _invalid(f"{where}.source.base64: invalid base64 data") from None
-    except Exception as err:  # Pillow raises many types for a broken image; all mean "not an image"
-        raise _invalid(f"{where}.source.base64: Could not process image ({type(err).__name__})") from None
+    return _picture(raw, f"{where}.source.base64", mime)
 
 
 def _url_image(url: Any, where: str) -> tuple[str, tuple[int, int], Any]:
@@ -221,20 +211,29 @@ def _url_image(url: Any, where: str) -> tuple[str, tuple[int, int], Any]:
         raise _invalid(f"{where}.source.url: Input should be a valid http(s) URL")
     try:
         raw = remote_image.fetch_image(url)
+    except remote_image.FetchRefused as err:
+        raise _invalid(f"{where}.source.url: Unable to download the file ({err})") from None
+    return _picture(raw, f"{where}.source.url", None)
+
+
+def _picture(raw: bytes, where: str, declared: str | None) -> tuple[str, tuple[int, int], Any]:
+    """(media type, size, thumbnail) of an image's bytes, checked as Anthropic checks them: a supported
+    format (the `declared` media type, for a base64 source), at most MAX_SIDE_PX a side."""
+    try:
         with Image.open(io.BytesIO(raw)) as img:
             mime = next((m for m, formats in MEDIA_TYPES.items() if img.format in formats), None)
+            if declared is not None and mime != declared:
+                raise _invalid(f"{where}: Image does not match the provided media type {declared}")
             if mime is None:
-                raise _invalid(f"{where}.source.url: Unsupported image format {img.format}")
+                raise _invalid(f"{where}: Unsupported image format {img.format}")
             if max(img.size) > MAX_SIDE_PX:
-                raise _invalid(f"{where}.source.url: At least one of the image dimensions exceed max allowed size: "
-                               f"{MAX_SIDE_PX} pixels")
+                raise _invalid(f"{where}{'.data' if declared else ''}: At least one of the image dimensions "
+                               f"exceed max allowed size: {MAX_SIDE_PX} pixels")
             return mime, img.size, make_thumb(img)
     except ParamsError:
         raise
-    except remote_image.FetchRefused as err:
-        raise _invalid(f"{where}.source.url: Unable to download the file ({err})") from None
     except Exception as err:  # Pillow raises many types for a broken image; all mean "not an image"
-        raise _invalid(f"{where}.source.url: Could not process image ({type(err).__name__})") from None
+        raise _invalid(f"{where}: Could not process image ({type(err).__name__})") from None
 
 
 def _check_options(params: dict[str, Any]) -> None:
